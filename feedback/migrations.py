@@ -1,0 +1,97 @@
+"""Numbered schema migrations: the only way protege's SQLite schema changes.
+
+Each migration is a function registered with ``@migration(N)``; ``apply_migrations`` runs the
+ones not yet recorded in ``_protege_migrations``, in order, each in its own transaction.
+Add a new one at the end with the next number; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+_MIGRATIONS: dict[int, tuple[str, Migration]] = {}
+
+
+def migration(number: int) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        if number in _MIGRATIONS:
+            raise RuntimeError(f"migration {number} registered twice")
+        _MIGRATIONS[number] = (fn.__name__, fn)
+        return fn
+
+    return register
+
+
+def applied(db: sqlite_utils.Database) -> list[int]:
+    if "_protege_migrations" not in db.table_names():
+        return []
+    return [row["number"] for row in db["_protege_migrations"].rows]
+
+
+def apply_migrations(db: sqlite_utils.Database) -> list[int]:
+    """Bring ``db`` to the newest schema; returns the numbers applied now."""
+    db["_protege_migrations"].create(
+        {"number": int, "name": str, "applied_at": float}, pk="number", if_not_exists=True
+    )
+    done = set(applied(db))
+    ran = []
+    for number in sorted(_MIGRATIONS):
+        if number in done:
+            continue
+        name, fn = _MIGRATIONS[number]
+        # Explicit transaction: the connection is in autocommit mode, and sqlite-utils'
+        # own helpers would commit half a migration.
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(db)
+            db.conn.execute(
+                "INSERT INTO _protege_migrations (number, name, applied_at) VALUES (?, ?, ?)",
+                (number, name, time.time()),
+            )
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        ran.append(number)
+    return ran
+
+
+@migration(1)
+def m001_requests(db: sqlite_utils.Database) -> None:
+    db["requests"].create(
+        {
+            "id": str,
+            "created_at": float,
+            "caller": str,
+            "requested_model": str,
+            "route": str,
+            "reason": str,
+            "route_score": float,
+            "adapter": str,
+            "adapter_version": str,
+            "stream": int,
+            "messages": str,
+            "params": str,
+            "answer": str,
+            "draft": str,
+            "confidence": float,
+            "status": str,
+            "http_status": int,
+            "error": str,
+            "latency_ms": float,
+            "ttft_ms": float,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cost_usd": float,
+            "teacher_cost_usd": float,
+        },
+        pk="id",
+        not_null={"created_at", "caller", "requested_model", "status"},
+    )
+    db["requests"].create_index(["created_at"])
+    db["requests"].create_index(["adapter", "created_at"])
+    db["requests"].create_index(["route", "reason"])

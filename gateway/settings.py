@@ -1,0 +1,317 @@
+"""protege's one configuration object.
+
+Built once (``load_settings``) at process start and passed down; nothing else in the code base reads
+``os.environ``. Sources, highest priority first: constructor arguments, ``PROTEGE_*`` environment
+variables (nested with ``__``, e.g. ``PROTEGE_TEACHER__MODEL``), the YAML file named by
+``PROTEGE_CONFIG`` / ``--config``, then the defaults below. Unknown keys are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_HOME = Path("~/.protege").expanduser()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Requests with a larger body are refused with 413."
+    )
+    max_concurrency: int = Field(
+        256,
+        ge=1,
+        description="Chat requests in flight at once; beyond this the gateway answers 429 at once "
+        "instead of queueing without bound.",
+    )
+    max_n: int = Field(4, ge=1, description="Largest accepted `n` (choices per request).")
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest accepted `max_tokens` / `max_completion_tokens`."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the gateway process."
+    )
+
+
+class AuthSettings(_Section):
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Caller keys: key id -> secret. Empty means the gateway is open (local use); "
+        "the key id, never the key, is what the log and metrics record.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key for admin operations (adapter load/promote/rollback). Unset: admin "
+        "endpoints are disabled.",
+    )
+
+
+class StudentSettings(_Section):
+    url: str | None = Field(
+        None,
+        description="Base URL of an external OpenAI-compatible student server (e.g. "
+        "http://vllm:8001/v1). Unset: `protege serve` starts and supervises vLLM itself.",
+    )
+    api_key: SecretStr | None = Field(None, description="Key sent to the student server, if any.")
+    model_dir: Path | None = Field(
+        None,
+        description="Student base model folder (HF format). Unset: the folder `protege model "
+        "prepare` builds under `home`.",
+    )
+    served_model_name: str = Field("student-base", description="Name vLLM serves the base under.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Time-out of one student call; past it `auto` falls back."
+    )
+    default_adapter: str = Field(
+        "base", description="Adapter alias used when the request names none (`student`, `auto`)."
+    )
+    vllm_port: int = Field(8001, ge=1, le=65535, description="Port of the managed vLLM server.")
+    vllm_max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps loaded at once.")
+    vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
+    vllm_max_model_len: int = Field(2048, ge=64, description="Context length the student serves.")
+    vllm_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Student dtype; on CPU fp32 is much faster than bf16."
+    )
+    vllm_extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments for the vLLM server."
+    )
+    vllm_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long to wait for a managed vLLM to become ready."
+    )
+
+
+class TeacherSettings(_Section):
+    model: str | None = Field(
+        None,
+        description="litellm model string (openai/gpt-4o-mini, anthropic/claude-..., "
+        "hosted_vllm/..., ollama/...). Unset: no teacher; `auto` serves the student only.",
+    )
+    api_base: str | None = Field(
+        None, description="Teacher API base URL. Settings-only: requests can never change it."
+    )
+    api_key: SecretStr | None = Field(None, description="Teacher API key.")
+    timeout_s: float = Field(60.0, gt=0, description="Time-out of one teacher call.")
+    max_retries: int = Field(
+        2, ge=0, description="Retries on 408/429/500/502/503 and connection errors, with back-off."
+    )
+    retry_backoff_s: float = Field(0.25, ge=0, description="First back-off; doubles each retry.")
+    cooldown_failure_ratio: float = Field(
+        0.5, gt=0, le=1, description="Failure share in the window that puts the teacher on cool-down."
+    )
+    cooldown_window: int = Field(20, ge=1, description="Calls in the failure window.")
+    cooldown_s: float = Field(30.0, ge=0, description="How long a cooled-down teacher is skipped.")
+    input_cost_per_token: float | None = Field(
+        None, ge=0, description="Override of litellm's price table (USD per input token)."
+    )
+    output_cost_per_token: float | None = Field(
+        None, ge=0, description="Override of litellm's price table (USD per output token)."
+    )
+
+
+class LogSettings(_Section):
+    db_path: Path | None = Field(
+        None, description="SQLite file of the traffic log. Unset: `protege.db` under `home`."
+    )
+    batch_size: int = Field(256, ge=1, description="Rows the writer inserts per transaction.")
+    queue_max: int = Field(
+        100_000,
+        ge=1,
+        description="Rows buffered in memory while SQLite is slow or locked; beyond it rows are "
+        "dropped and counted.",
+    )
+    flush_interval_s: float = Field(0.05, gt=0, description="Writer wake-up interval.")
+    retry_interval_s: float = Field(0.5, gt=0, description="Back-off after a failed write.")
+    synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        "NORMAL",
+        description="SQLite `synchronous` in WAL mode. NORMAL: a power loss may lose the last "
+        "committed batches, never corrupts; FULL: nothing committed is lost.",
+    )
+    store_messages: bool = Field(True, description="Keep request messages and answers in the log.")
+
+
+class RouterSettings(_Section):
+    policies: list[str] = Field(
+        default_factory=lambda: ["explicit", "rules", "fallback"],
+        description="Router policies in order; the first that decides wins.",
+    )
+    student_context_tokens: int = Field(
+        2048, ge=64, description="Conversations longer than this (estimated) go to the teacher."
+    )
+    teacher_patterns: list[str] = Field(
+        default_factory=list, description="Regexes on the last user message that force the teacher."
+    )
+    teacher_tenants: list[str] = Field(
+        default_factory=list, description="Caller key ids always served by the teacher."
+    )
+    difficulty_model: Path | None = Field(
+        None, description="Artefact of `protege router train` (learned difficulty policy)."
+    )
+    difficulty_threshold: float | None = Field(
+        None, description="Override of the artefact's calibrated threshold."
+    )
+    min_confidence: float | None = Field(
+        None,
+        description="Confidence cascade: escalate when the student's mean token log-probability "
+        "is below this. Unset: cascade off.",
+    )
+    cascade_hold_tokens: int = Field(
+        0, ge=0, description="Streaming: tokens held back while the cascade decides (0: pre-call only)."
+    )
+
+
+class ShadowSettings(_Section):
+    sample_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of student-served requests also sent to the teacher."
+    )
+    queue_max: int = Field(1000, ge=1, description="Shadow calls waiting; beyond it they are skipped.")
+    concurrency: int = Field(2, ge=1, description="Shadow calls in flight at once.")
+
+
+class TrainerSettings(_Section):
+    adapters_dir: Path | None = Field(
+        None, description="Where adapters live. Unset: `adapters/` under `home`."
+    )
+    data_dir: Path | None = Field(
+        None, description="Where built data sets live. Unset: `datasets/` under `home`."
+    )
+    min_new_examples: int = Field(32, ge=1, description="A retrain with fewer new rows stops.")
+    promote_margin: float = Field(
+        0.01, ge=0, description="A candidate must beat the current adapter by this much."
+    )
+    regression_tolerance: float = Field(
+        0.02, ge=0, description="Largest accepted drop on the frozen regression set."
+    )
+    per_caller_cap: float = Field(
+        0.2, gt=0, le=1, description="Largest share of a data set from one caller."
+    )
+    scrub_pii: bool = Field(True, description="Scrub e-mails, phones, card numbers and keys.")
+
+
+class Settings(BaseSettings):
+    """Everything protege can be told. See README § Configuration for the table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROTEGE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(DEFAULT_HOME, description="State folder: database, model cache, adapters.")
+    config_file: Path | None = Field(
+        None, description="YAML file the settings were read from (informational)."
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+    @model_validator(mode="after")
+    def _expand_home(self) -> Settings:
+        self.home = self.home.expanduser()
+        return self
+
+    # Derived paths: one place decides where state lives.
+    @property
+    def db_path(self) -> Path:
+        return self.log.db_path or self.home / "protege.db"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def student_model_dir(self) -> Path:
+        return self.student.model_dir or self.model_cache_dir / "smollm2-135m-instruct"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.trainer.adapters_dir or self.home / "adapters"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.trainer.data_dir or self.home / "datasets"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the settings file must hold a mapping at the top level")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build the one Settings object: YAML file < environment < explicit overrides.
+
+    ``environ`` defaults to the process environment; this is the only place that reads it.
+    """
+    env = dict(os.environ if environ is None else environ)
+    config_path = config_file or (Path(env["PROTEGE_CONFIG"]) if env.get("PROTEGE_CONFIG") else None)
+    file_values = _read_yaml(config_path) if config_path else {}
+    if config_path:
+        file_values["config_file"] = config_path
+    env_values = _env_values(env)
+    values = _deep_merge(_deep_merge(file_values, env_values), overrides or {})
+    return Settings.model_validate(values)
+
+
+def _env_values(env: dict[str, str]) -> dict[str, Any]:
+    """PROTEGE_A__B=v -> {"a": {"b": v}}; list/dict values may be given as JSON."""
+    import json
+
+    values: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith("PROTEGE_") or name == "PROTEGE_CONFIG":
+            continue
+        path = name[len("PROTEGE_") :].lower().split("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return values
