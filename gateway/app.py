@@ -1,0 +1,234 @@
+"""The FastAPI application: lifespan (all clients are made here, none at import time), routes
+(parse, call one function, render) and the one place errors become HTTP responses."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback.store import LogWriter
+from gateway.auth import Authenticator
+from gateway.backends import ChatBackend, Pricing
+from gateway.errors import InvalidRequest, NotFound, Overloaded, PayloadTooLarge, ProtegeError
+from gateway.metrics import Metrics
+from gateway.schemas import parse_chat_request
+from gateway.service import AdapterResolver, CallContext, ChatService
+from gateway.settings import Settings
+
+log = logging.getLogger("protege.gateway")
+
+ROUTE_HEADER = "x-protege-route"
+REQUEST_ID_HEADER = "x-protege-request-id"
+
+
+@dataclass
+class Overrides:
+    """Components to use instead of the real ones (tests, embedding). None: build from settings."""
+
+    student: ChatBackend | None = None
+    teacher: ChatBackend | None = None
+    adapters: AdapterResolver | None = None
+    pricing: Pricing | None = None
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    writer: LogWriter
+    auth: Authenticator
+    chat: ChatService
+    student: Any
+    teacher: Any
+    adapters: Any
+    in_flight: int = 0
+    closers: list[Any] = field(default_factory=list)
+
+    @property
+    def db_path(self):  # noqa: ANN201 - used by the feedback routes
+        return self.settings.db_path
+
+
+def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
+    from gateway.lifecycle import build_services, close_services
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await build_services(settings, overrides or Overrides())
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await close_services(services)
+
+    app = FastAPI(title="protege", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+    _install_routes(app, settings)
+    return app
+
+
+# -- errors: the one place they become HTTP ----------------------------------------------------
+
+
+def error_response(error: ProtegeError, request_id: str | None = None) -> JSONResponse:
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def count(request: Request, error: ProtegeError) -> None:
+        services = getattr(request.app.state, "services", None)
+        if services is not None:
+            services.metrics.rejected.labels(str(error.status_code), error.code or "").inc()
+
+    @app.exception_handler(ProtegeError)
+    async def on_protege_error(request: Request, error: ProtegeError) -> JSONResponse:
+        count(request, error)
+        return error_response(error, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        error = InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param,
+                               code="invalid_value")
+        count(request, error)
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: ProtegeError
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.url.path}", code="unknown_url")
+        else:
+            error = ProtegeError(str(exc.detail), code=f"http_{exc.status_code}")
+            error.status_code = exc.status_code
+            error.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        count(request, error)
+        return error_response(error)
+
+
+# -- routes --------------------------------------------------------------------------------
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing (413) bodies over ``limit`` without reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+def _route_headers(record: Any) -> dict[str, str]:
+    return {REQUEST_ID_HEADER: record.id, ROUTE_HEADER: f"{record.route}; reason={record.reason}"}
+
+
+def _install_routes(app: FastAPI, settings: Settings) -> None:
+    server = settings.server
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        services = services_of(request)
+        caller = services.auth.caller(request.headers.get("authorization"))
+        body = await read_json(request, server.max_body_bytes)
+        chat_request = parse_chat_request(body, server.max_n, server.max_tokens_limit)
+        if services.in_flight >= server.max_concurrency:
+            raise Overloaded(f"more than {server.max_concurrency} requests in flight; retry shortly")
+        ctx = CallContext(caller=caller, route_header=request.headers.get(ROUTE_HEADER))
+        services.in_flight += 1
+        handed_to_stream = False
+        try:
+            if chat_request.stream:
+                reply = await services.chat.open_stream(chat_request, ctx)
+                handed_to_stream = True  # the stream's own finally releases the slot
+                return RelayResponse(reply, services, headers=_route_headers(reply.record))
+            payload, record = await services.chat.complete(chat_request, ctx)
+        finally:
+            if not handed_to_stream:
+                services.in_flight -= 1
+        return Response(orjson.dumps(payload), media_type="application/json", headers=_route_headers(record))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        services = services_of(request)
+        services.auth.caller(request.headers.get("authorization"))
+        return Response(orjson.dumps({"object": "list", "data": await model_cards(services)}),
+                        media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        checks = await readiness(services_of(request))
+        ready = all(checks.values())
+        return Response(orjson.dumps({"ready": ready, "checks": checks}), media_type="application/json",
+                        status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        services = services_of(request)
+        stats = services.writer.stats
+        services.metrics.observe_writer(stats.written, stats.failures, stats.dropped, services.writer.depth)
+        services.metrics.in_flight.set(services.in_flight)
+        return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class RelayResponse(StreamingResponse):
+    """SSE response that always releases its request slot and records the request, even when
+    the client leaves before the body was ever iterated."""
+
+    def __init__(self, reply: Any, services: Services, headers: dict[str, str]) -> None:
+        super().__init__(reply.chunks, media_type="text/event-stream", headers=headers)
+        self._reply = reply
+        self._services = services
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._services.in_flight -= 1
+            await self._reply.aclose()
+
+
+async def model_cards(services: Services) -> list[dict[str, Any]]:
+    names = ["auto", "student"]
+    if services.teacher is not None:
+        names.append("teacher")
+    list_aliases = getattr(services.adapters, "aliases", None)
+    if list_aliases is not None:
+        names.extend(f"student:{alias}" for alias in await list_aliases())
+    return [{"id": name, "object": "model", "created": 0, "owned_by": "protege"} for name in names]
+
+
+async def readiness(services: Services) -> dict[str, bool]:
+    checks: dict[str, bool] = {"log_writer": services.writer.running}
+    student_ready = getattr(services.student, "ready", None)
+    if student_ready is not None:
+        ok = await student_ready()
+        services.metrics.student_up.set(1 if ok else 0)
+        checks["student"] = ok
+    return checks

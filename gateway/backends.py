@@ -1,0 +1,268 @@
+"""Model backends: the student (OpenAI-compatible HTTP, i.e. vLLM) and the teacher (litellm).
+
+Both implement ``ChatBackend``: ``complete(payload) -> dict`` and ``stream(payload)`` yielding
+chunk dicts, OpenAI-shaped. Each translates its library's exceptions into ``gateway.errors`` at
+this boundary, so nothing above it knows about httpx or litellm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import orjson
+
+from gateway.errors import (
+    BackendError,
+    BackendRateLimited,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+)
+from gateway.settings import StudentSettings, TeacherSettings
+
+log = logging.getLogger("protege.backends")
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503})
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    async def complete(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+def error_for_status(backend: str, status: int, message: str) -> BackendError:
+    """One mapping from an upstream HTTP status to our error kinds."""
+    if status == 429:
+        return BackendRateLimited(message, backend=backend, upstream_status=status)
+    if status in (408, 504):
+        return BackendTimeout(message, backend=backend, upstream_status=status)
+    if status == 503:
+        return BackendUnavailable(message, backend=backend, upstream_status=status)
+    if 400 <= status < 500:
+        return BackendRejected(message, backend=backend, upstream_status=status)
+    return BackendError(message, backend=backend, upstream_status=status)
+
+
+def _upstream_message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)
+        return str(err)
+    except orjson.JSONDecodeError:
+        return body[:500].decode("utf-8", "replace")
+
+
+# -- student ---------------------------------------------------------------------------------
+
+
+class StudentBackend:
+    """vLLM (or any OpenAI-compatible server) over pooled httpx."""
+
+    name = "student"
+
+    def __init__(self, settings: StudentSettings, base_url: str, client: httpx.AsyncClient | None = None) -> None:
+        headers = {}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = settings.timeout_s
+        self.client = client or httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s)),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self.client.post("/chat/completions", content=orjson.dumps(payload),
+                                              headers={"content-type": "application/json"})
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"student timed out after {self.timeout_s}s", backend="student") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"student unreachable: {exc.__class__.__name__}", backend="student") from exc
+        if response.status_code != 200:
+            raise error_for_status("student", response.status_code, _upstream_message(response.content))
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise BackendError("student returned invalid JSON", backend="student") from exc
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async with self.client.stream(
+                "POST", "/chat/completions", content=orjson.dumps(payload),
+                headers={"content-type": "application/json"},
+            ) as response:
+                if response.status_code != 200:
+                    body = await response.aread()
+                    raise error_for_status("student", response.status_code, _upstream_message(body))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    chunk = orjson.loads(data)
+                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                        raise BackendError(_upstream_message(data.encode()), backend="student")
+                    yield chunk
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"student timed out after {self.timeout_s}s", backend="student") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"student connection failed: {exc.__class__.__name__}", backend="student") from exc
+        except orjson.JSONDecodeError as exc:
+            raise BackendError("student sent an invalid stream chunk", backend="student") from exc
+
+    async def ready(self) -> bool:
+        try:
+            response = await self.client.get("/models", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+# -- teacher ---------------------------------------------------------------------------------
+
+
+class CooldownBreaker:
+    """litellm-style cool-down: more than ``ratio`` failures in the last ``window`` calls -> skip
+    the teacher for ``cooldown_s``, then let calls through again."""
+
+    def __init__(self, ratio: float, window: int, cooldown_s: float, clock: Any = time.monotonic) -> None:
+        self.ratio = ratio
+        self.window = window
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.outcomes: collections.deque[bool] = collections.deque(maxlen=window)
+        self.open_until = 0.0
+
+    def allow(self) -> bool:
+        return self.clock() >= self.open_until
+
+    def record(self, ok: bool) -> None:
+        self.outcomes.append(ok)
+        failures = self.outcomes.count(False)
+        if len(self.outcomes) >= min(self.window, 4) and failures / len(self.outcomes) > self.ratio:
+            self.open_until = self.clock() + self.cooldown_s
+            self.outcomes.clear()
+            log.warning("teacher cooled down for %.0fs after repeated failures", self.cooldown_s)
+
+
+@dataclass(frozen=True)
+class Pricing:
+    input_per_token: float
+    output_per_token: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
+
+
+def teacher_pricing(settings: TeacherSettings) -> Pricing:
+    """Overrides from settings, else litellm's bundled (offline) price table, else zero."""
+    if settings.input_cost_per_token is not None or settings.output_cost_per_token is not None:
+        return Pricing(settings.input_cost_per_token or 0.0, settings.output_cost_per_token or 0.0)
+    import litellm
+
+    info = litellm.model_cost.get(settings.model or "") or litellm.model_cost.get(
+        (settings.model or "").split("/", 1)[-1]
+    ) or {}
+    return Pricing(float(info.get("input_cost_per_token") or 0.0), float(info.get("output_cost_per_token") or 0.0))
+
+
+class TeacherBackend:
+    """Any litellm model string. We do retries and cool-down ourselves (litellm's are turned
+    off) so that they are visible, bounded and tested."""
+
+    name = "teacher"
+
+    def __init__(self, settings: TeacherSettings, breaker: CooldownBreaker | None = None) -> None:
+        import litellm  # only when a teacher is configured; LITELLM_LOCAL_MODEL_COST_MAP set by the CLI
+
+        self._litellm = litellm
+        self.settings = settings
+        self.model = settings.model or ""
+        self.breaker = breaker or CooldownBreaker(
+            settings.cooldown_failure_ratio, settings.cooldown_window, settings.cooldown_s
+        )
+
+    def _call_args(self, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
+        args = {key: value for key, value in payload.items() if key not in ("model", "stream")}
+        args.update(model=self.model, stream=stream, timeout=self.settings.timeout_s, num_retries=0, max_retries=0)
+        if self.settings.api_base:
+            args["api_base"] = self.settings.api_base
+        if self.settings.api_key is not None:
+            args["api_key"] = self.settings.api_key.get_secret_value()
+        return args
+
+    def _translate(self, exc: Exception) -> BackendError:
+        status = getattr(exc, "status_code", None)
+        message = f"teacher failed: {exc.__class__.__name__}: {_first_line(str(exc))}"
+        if isinstance(exc, (asyncio.TimeoutError, self._litellm.exceptions.Timeout)):
+            return BackendTimeout(f"teacher timed out after {self.settings.timeout_s}s", backend="teacher",
+                                  upstream_status=408)
+        if isinstance(exc, self._litellm.exceptions.APIConnectionError) and status in (None, 500):
+            return BackendUnavailable(message, backend="teacher")
+        if isinstance(status, int):
+            return error_for_status("teacher", status, message)
+        return BackendError(message, backend="teacher")
+
+    async def _with_retries(self, attempt_call: Any) -> Any:
+        if not self.breaker.allow():
+            raise BackendUnavailable("teacher is cooling down after repeated failures", backend="teacher",
+                                     code="teacher_cooldown")
+        delay = self.settings.retry_backoff_s
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                result = await attempt_call()
+            except Exception as exc:  # noqa: BLE001 - translated right here
+                error = self._translate(exc)
+                retryable = error.upstream_status in RETRYABLE_STATUS or isinstance(error, BackendUnavailable)
+                if not retryable or attempt == self.settings.max_retries:
+                    self.breaker.record(False)
+                    raise error from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            self.breaker.record(True)
+            return result
+        raise AssertionError("unreachable")
+
+    async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
+        async def call() -> Any:
+            return await self._litellm.acompletion(**self._call_args(payload, stream=False))
+
+        response = await self._with_retries(call)
+        return response.model_dump(exclude_none=True)
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async def call() -> Any:
+            args = self._call_args(payload, stream=True)
+            args["stream_options"] = {"include_usage": True}
+            return await self._litellm.acompletion(**args)
+
+        stream = await self._with_retries(call)
+        try:
+            async for chunk in stream:
+                yield chunk.model_dump(exclude_none=True)
+        except Exception as exc:  # noqa: BLE001 - translated right here
+            raise self._translate(exc) from exc
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
