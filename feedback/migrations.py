@@ -95,3 +95,78 @@ def m001_requests(db: sqlite_utils.Database) -> None:
     db["requests"].create_index(["created_at"])
     db["requests"].create_index(["adapter", "created_at"])
     db["requests"].create_index(["route", "reason"])
+
+
+@migration(2)
+def m002_adapters(db: sqlite_utils.Database) -> None:
+    # The adapter registry (gateway.adapters): low-volume admin state. A version row is
+    # immutable; an alias is the newest promotion of (task, tenant) not rolled back, so the
+    # promotion rows double as the history `rollback` walks. tenant '' is every caller.
+    db.conn.execute(
+        """
+        CREATE TABLE adapters (
+            name TEXT PRIMARY KEY,
+            task TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 0),
+            path TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            base_fingerprint TEXT NOT NULL,
+            weights_sha256 TEXT NOT NULL,
+            source TEXT,
+            created_at REAL NOT NULL,
+            UNIQUE (task, version)
+        )
+        """
+    )
+    db.conn.execute(
+        """
+        CREATE TABLE adapter_promotions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task TEXT NOT NULL,
+            tenant TEXT NOT NULL DEFAULT '',
+            adapter TEXT NOT NULL REFERENCES adapters (name),
+            promoted_at REAL NOT NULL,
+            rolled_back_at REAL
+        )
+        """
+    )
+    db.conn.execute(
+        "CREATE INDEX idx_adapter_promotions_alias ON adapter_promotions (task, tenant, rolled_back_at, id)"
+    )
+
+
+@migration(3)
+def m003_feedback_and_shadow_labels(db: sqlite_utils.Database) -> None:
+    # No foreign key to `requests` and no CHECK constraints: a violating row would fail the
+    # writer's whole batch, and the writer retries a failed batch forever. The feedback API
+    # validates rating (-1..1) and preferred (answer|draft|shadow) before anything is queued.
+    db.conn.execute(
+        """
+        CREATE TABLE feedback (
+            request_id TEXT PRIMARY KEY,
+            caller TEXT NOT NULL,
+            rating REAL NOT NULL,
+            correction TEXT,
+            preferred TEXT,
+            comment TEXT,
+            labels TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.conn.execute("CREATE INDEX idx_feedback_caller ON feedback (caller, updated_at)")
+    db.conn.execute(
+        """
+        CREATE TABLE shadow_labels (
+            request_id TEXT PRIMARY KEY,
+            teacher_answer TEXT,
+            teacher_model TEXT,
+            finish_reason TEXT,
+            created_at REAL NOT NULL,
+            cost_usd REAL,
+            error TEXT
+        )
+        """
+    )
+    db.conn.execute("CREATE INDEX idx_shadow_labels_created_at ON shadow_labels (created_at)")

@@ -107,6 +107,10 @@ class LogWriter:
         return True
 
     @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         return len(self._pending) + self._in_flight
 
@@ -171,7 +175,13 @@ class LogWriter:
             try:
                 if db is None:
                     db = open_database(self._db_path, self._synchronous, migrate=False)
-                _write_batch(db, batch)
+                try:
+                    _write_batch(db, batch)
+                except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError):
+                    # A bad row, not a bad moment: retrying would wedge the log forever. Write the
+                    # rows one by one and drop (and count) only the ones SQLite refuses.
+                    self._write_one_by_one(db, batch)
+                    batch = []  # counted row by row already
             except (sqlite3.Error, StoreError, OSError) as exc:
                 self.stats.failures += 1
                 log.warning("log write of %d rows failed (%s); retrying", len(batch), exc)
@@ -192,6 +202,17 @@ class LogWriter:
                 if not self._pending:
                     self._drained.notify_all()
             return db
+
+    def _write_one_by_one(self, db: sqlite_utils.Database, batch: list[Write]) -> None:
+        for write in batch:
+            try:
+                _write_batch(db, [write])
+            except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+                self.stats.dropped += 1
+                log.error("dropping a %s row SQLite refuses: %s", write.table, exc)
+                continue
+            with self._lock:
+                self.stats.written += 1
 
     def _report(self) -> None:
         if self._on_stats is not None:

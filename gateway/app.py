@@ -15,10 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from feedback.api import build_feedback_router
 from feedback.store import LogWriter
 from gateway.auth import Authenticator
 from gateway.backends import ChatBackend, Pricing
-from gateway.errors import InvalidRequest, NotFound, Overloaded, PayloadTooLarge, ProtegeError
+from gateway.errors import InvalidRequest, NotFound, Overloaded, ProtegeError
+from gateway.http import read_json
 from gateway.metrics import Metrics
 from gateway.schemas import parse_chat_request
 from gateway.service import AdapterResolver, CallContext, ChatService
@@ -74,6 +76,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                   docs_url=None, redoc_url=None)
     _install_error_handlers(app)
     _install_routes(app, settings)
+    app.include_router(build_feedback_router(
+        services_of, get_caller=lambda request: services_of(request).auth.caller(request.headers.get("authorization")),
+    ))
     return app
 
 
@@ -119,22 +124,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # -- routes --------------------------------------------------------------------------------
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing (413) bodies over ``limit`` without reading them whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
 
 
 def services_of(request: Request) -> Services:

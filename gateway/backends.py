@@ -194,12 +194,22 @@ class TeacherBackend:
     def __init__(self, settings: TeacherSettings, breaker: CooldownBreaker | None = None) -> None:
         import litellm  # only when a teacher is configured; LITELLM_LOCAL_MODEL_COST_MAP set by the CLI
 
+        litellm.suppress_debug_info = True  # it prints help banners to stdout on every error
         self._litellm = litellm
         self.settings = settings
         self.model = settings.model or ""
         self.breaker = breaker or CooldownBreaker(
             settings.cooldown_failure_ratio, settings.cooldown_window, settings.cooldown_s
         )
+
+    async def aclose(self) -> None:
+        """litellm caches its HTTP clients process-wide; close them with the loop that made them."""
+        from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+        await close_litellm_async_clients()
+        cache = getattr(self._litellm.in_memory_llm_clients_cache, "cache_dict", None)
+        if isinstance(cache, dict):
+            cache.clear()
 
     def _call_args(self, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
         args = {key: value for key, value in payload.items() if key not in ("model", "stream")}

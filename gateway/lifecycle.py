@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 from typing import TYPE_CHECKING
 
+from feedback.shadow import ShadowSampler, cost_from_usage
 from feedback.store import LogWriter
 from gateway.auth import Authenticator
 from gateway.backends import StudentBackend, TeacherBackend, teacher_pricing
@@ -59,8 +61,18 @@ async def build_services(settings: Settings, overrides: Overrides) -> Services:
     if student is None and settings.student.url:
         student = StudentBackend(settings.student, settings.student.url)
         closers.append(student.aclose)
+    if teacher is not None and overrides.teacher is None:
+        closers.append(teacher.aclose)
     adapters = overrides.adapters or StaticAdapters(settings.student.served_model_name)
     breaker = getattr(teacher, "breaker", None)
+    teacher_allows = breaker.allow if breaker is not None else None
+    shadow = None
+    if teacher is not None and settings.shadow.sample_rate > 0:
+        shadow = ShadowSampler(settings.shadow, teacher, writer, random.Random(), metrics=metrics,
+                               cost_of=cost_from_usage(pricing) if pricing else None,
+                               teacher_allows=teacher_allows)
+        await shadow.start()
+        closers.append(shadow.stop)  # closers run before the writer closes: last labels land
     chat = ChatService(
         router=build_router(settings.router, settings.student.default_adapter),
         student=student,
@@ -71,7 +83,8 @@ async def build_services(settings: Settings, overrides: Overrides) -> Services:
         pricing=pricing,
         store_messages=settings.log.store_messages,
         min_confidence_wanted=settings.router.min_confidence is not None,
-        teacher_allows=breaker.allow if breaker is not None else None,
+        teacher_allows=teacher_allows,
+        shadow=shadow,
     )
     return Services(
         settings=settings,

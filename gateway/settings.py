@@ -89,6 +89,46 @@ class StudentSettings(_Section):
     vllm_start_timeout_s: float = Field(
         600.0, gt=0, description="How long to wait for a managed vLLM to become ready."
     )
+    vllm_python: Path | None = Field(
+        None,
+        description="Python interpreter that runs the managed vLLM (a venv with vllm installed). "
+        "Unset: the gateway's own interpreter.",
+    )
+    vllm_host: str = Field(
+        "127.0.0.1", description="Address the managed vLLM listens on; keep it on loopback."
+    )
+    vllm_cpu_kvcache_gib: int = Field(
+        2, ge=1, description="vLLM-CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_cpu_threads: str | None = Field(
+        None,
+        description="CPU ids vLLM-CPU binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. "
+        "`0-3`). Unset: every CPU the gateway may run on.",
+    )
+    vllm_log_file: Path | None = Field(
+        None, description="File the managed vLLM's output goes to. Unset: `logs/vllm.log` under `home`."
+    )
+    vllm_restart_backoff_s: float = Field(
+        1.0, gt=0, description="First wait before restarting a crashed vLLM; doubles per crash."
+    )
+    vllm_restart_backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between vLLM restarts."
+    )
+    vllm_stop_timeout_s: float = Field(
+        15.0, gt=0, description="Grace period after SIGTERM before vLLM is killed."
+    )
+    adapter_load_timeout_s: float = Field(
+        120.0, gt=0, description="Time-out of one adapter load (or probe) call to vLLM."
+    )
+    adapter_drain_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="After a promote or rollback, how long requests still running on the old "
+        "version may take before it is unloaded anyway.",
+    )
+    base_adapter_rank: int = Field(
+        8, ge=1, description="Rank of the identity adapter `base@v0` the base model is served as."
+    )
 
 
 class TeacherSettings(_Section):
@@ -168,6 +208,16 @@ class RouterSettings(_Section):
     cascade_hold_tokens: int = Field(
         0, ge=0, description="Streaming: tokens held back while the cascade decides (0: pre-call only)."
     )
+    cascade_statistic: Literal["mean", "min"] = Field(
+        "mean",
+        description="Confidence cascade: compare the mean or the minimum token log-probability of "
+        "the student's answer with `min_confidence` (calibrate the threshold on the same one).",
+    )
+    output_regex: str | None = Field(
+        None,
+        description="Confidence cascade: a student answer (stripped) that does not fully match this "
+        "regex goes to the teacher as `invalid_output`. Unset: no regex check.",
+    )
 
 
 class ShadowSettings(_Section):
@@ -196,6 +246,20 @@ class TrainerSettings(_Section):
         0.2, gt=0, le=1, description="Largest share of a data set from one caller."
     )
     scrub_pii: bool = Field(True, description="Scrub e-mails, phones, card numbers and keys.")
+    holdout_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of conversations held out for evaluation (by hash of the first user "
+        "turn, so a conversation is never on both sides).",
+    )
+    near_dup_threshold: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Word-shingle Jaccard similarity at which two training rows (or two "
+        "conversations, for the split) count as near-duplicates.",
+    )
 
 
 class Settings(BaseSettings):
