@@ -273,9 +273,6 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(DEFAULT_HOME, description="State folder: database, model cache, adapters.")
-    config_file: Path | None = Field(
-        None, description="YAML file the settings were read from (informational)."
-    )
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     student: StudentSettings = Field(default_factory=StudentSettings)
@@ -352,8 +349,6 @@ def load_settings(
     env = dict(os.environ if environ is None else environ)
     config_path = config_file or (Path(env["PROTEGE_CONFIG"]) if env.get("PROTEGE_CONFIG") else None)
     file_values = _read_yaml(config_path) if config_path else {}
-    if config_path:
-        file_values["config_file"] = config_path
     env_values = _env_values(env)
     values = _deep_merge(_deep_merge(file_values, env_values), overrides or {})
     return Settings.model_validate(values)
@@ -379,3 +374,46 @@ def _env_values(env: dict[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return values
+
+
+def settings_reference() -> str:
+    """The configuration table for the README (kept in sync by a test)."""
+    lines = ["| setting | env | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub_name, sub_field in annotation.model_fields.items():
+                lines.append(_reference_row(f"{name}.{sub_name}", sub_field))
+        else:
+            lines.append(_reference_row(name, field))
+    return "\n".join(lines)
+
+
+def _reference_row(dotted: str, field: Any) -> str:
+    env = "PROTEGE_" + dotted.upper().replace(".", "__")
+    if field.default_factory is not None:
+        default = field.default_factory()
+    else:
+        default = field.default
+    if isinstance(default, Path):
+        default = str(default).replace(str(Path.home()), "~")
+    shown = "" if default is None else f"`{default}`"
+    description = (field.description or "").replace("|", "\\|")
+    return f"| `{dotted}` | `{env}` | {shown} | {description} |"
+
+
+def _write_readme_reference(readme: Path) -> None:
+    text = readme.read_text()
+    start_marker, end_marker = "<!-- settings-reference:start -->", "<!-- settings-reference:end -->"
+    start = text.index(start_marker) + len(start_marker)
+    end = text.index(end_marker)
+    readme.write_text(text[:start] + "\n" + settings_reference() + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-readme"]:
+        _write_readme_reference(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(settings_reference())
