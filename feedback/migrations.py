@@ -170,3 +170,32 @@ def m003_feedback_and_shadow_labels(db: sqlite_utils.Database) -> None:
         """
     )
     db.conn.execute("CREATE INDEX idx_shadow_labels_created_at ON shadow_labels (created_at)")
+
+
+@migration(4)
+def m004_retrain_runs(db: sqlite_utils.Database) -> None:
+    # One row per `protege retrain` cycle: what was trained from what, on which data, how it
+    # scored against the adapter it would replace, and what was decided.
+    db.conn.execute(
+        """
+        CREATE TABLE retrain_runs (
+            id TEXT PRIMARY KEY,
+            task TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            candidate TEXT,
+            parent TEXT,
+            base_fingerprint TEXT,
+            data_version TEXT,
+            data_hash TEXT,
+            data_counts TEXT,
+            data_until REAL,
+            hyperparameters TEXT,
+            metrics TEXT,
+            wall_s REAL
+        )
+        """
+    )
+    db.conn.execute("CREATE INDEX idx_retrain_runs_task ON retrain_runs (task, started_at)")

@@ -1,0 +1,188 @@
+"""The retrain cycle with a fake gateway and a fake trainer: the decision rule, skipping on too
+little data, promotion of a better candidate, rejection of a worse one, the lock, the record."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedback.store import open_database
+from tests.conftest import make_settings
+from tests.feedback.conftest import LogSeed
+from trainer.config import SFTRunConfig, TrainResult
+from trainer.evaluate import EvalResult, evaluate, normalise
+from trainer.gateway_client import ServedAdapter
+from trainer.retrain import Cycle, RetrainOptions, decide, parse_every, retrain_lock, run_forever
+
+LABELS = ["card_arrival", "lost_card", "top_up_failed", "exchange_rate"]
+
+
+class FakeGateway:
+    """Implements the GatewayClient methods the cycle uses; each served version answers with a
+    fixed policy (a function of the prompt)."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers  # version -> callable(prompt messages) -> str
+        self.alias: str | None = None
+        self.registered: list[str] = []
+        self.promoted: list[str] = []
+
+    def current(self, task: str) -> ServedAdapter | None:
+        if self.alias is None:
+            return None
+        return ServedAdapter(self.alias, task, f"/adapters/{self.alias}", "sha")
+
+    def register(self, task: str, path: str) -> ServedAdapter:
+        name = f"{task}@v{len(self.registered) + 1}"
+        self.registered.append(name)
+        return ServedAdapter(name, task, path, "sha")
+
+    def promote(self, task: str, version: str) -> dict[str, Any]:
+        self.promoted.append(version)
+        self.alias = version
+        return {"version": version}
+
+    def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int,
+             response_format: dict[str, Any] | None = None) -> str:
+        version = model.removeprefix("student:")
+        return self.answers[version](messages)
+
+
+def fake_trainer(calls: list[Any]):  # noqa: ANN201
+    def train(base_dir: Path, rows: list[dict], out_dir: Path, config: SFTRunConfig, init: Path | None) -> TrainResult:
+        calls.append((len(rows), init))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "adapter_config.json").write_text("{}")
+        return TrainResult(out_dir, len(rows), 1.0, float(len(rows)), 10, 1, 0.5)
+
+    return train
+
+
+def truth(messages: list[dict]) -> str:
+    return messages[-1]["content"].split("#")[1]
+
+
+def seed_labelled_traffic(db_path: Path, count: int) -> None:
+    db = open_database(db_path)
+    seed = LogSeed(db)
+    for i in range(count):
+        label = LABELS[i % len(LABELS)]
+        rid = seed.request(f"r{i}", f"message {i} #{label}#", answer="wrong_label", adapter="intents",
+                           caller=f"user{i % 7}", created_at=time.time() - 1000 + i)
+        seed.feedback(rid, -1, correction=label)
+    db.conn.close()
+
+
+@pytest.fixture
+def settings(tmp_path):  # noqa: ANN001, ANN201
+    s = make_settings(tmp_path / "home")
+    seed_labelled_traffic(s.db_path, 120)
+    return s
+
+
+def cycle(settings, gateway: FakeGateway, calls: list, **options: Any) -> Cycle:  # noqa: ANN001
+    opts = RetrainOptions(task="intents", min_new_examples=10, dpo=None, **options)
+    return Cycle(settings, opts, gateway, train_sft=fake_trainer(calls))  # type: ignore[arg-type]
+
+
+def runs(settings) -> list[dict]:  # noqa: ANN001
+    db = open_database(settings.db_path)
+    try:
+        return list(db.query("select * from retrain_runs order by started_at"))
+    finally:
+        db.conn.close()
+
+
+def test_better_candidate_is_promoted_and_recorded(settings) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": truth})
+    calls: list = []
+    report = cycle(settings, gateway, calls).run()
+    assert report.status == "promoted", report.reason
+    assert gateway.promoted == ["intents@v1"]
+    assert report.metrics["candidate_heldout"]["accuracy"] == 1.0
+    assert report.metrics["current_heldout"]["accuracy"] == 0.0
+    assert calls and calls[0][1] is None  # first cycle: trained from base
+    [run] = runs(settings)
+    assert run["status"] == "promoted" and run["candidate"] == "intents@v1" and run["parent"] == "base@v0"
+    assert json.loads(run["data_counts"])["sft.train.jsonl"] > 0
+    assert run["data_hash"] and json.loads(run["hyperparameters"])["sft"]["learning_rate"] > 0
+
+
+def test_worse_candidate_is_rejected_and_alias_stays(settings) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"intents@v1": truth, "intents@v2": lambda m: "lost_card"})
+    gateway.alias = "intents@v1"
+    gateway.registered = ["intents@v1"]
+    calls: list = []
+    report = cycle(settings, gateway, calls).run()
+    assert report.status == "rejected"
+    assert "does not beat" in report.reason
+    assert gateway.alias == "intents@v1" and gateway.promoted == []
+    assert calls[0][1] == Path("/adapters/intents@v1")  # continued from the current adapter
+
+
+def test_too_little_new_data_skips_without_training(settings) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"base@v0": lambda m: "x", "intents@v1": truth})
+    calls: list = []
+    cycle(settings, gateway, calls).run()
+    second = cycle(settings, gateway, calls).run()  # nothing new since the first cycle
+    assert second.status == "skipped" and "new training rows" in second.reason
+    assert len(calls) == 1
+
+
+def test_a_second_cycle_refuses_while_the_lock_is_held(settings) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"base@v0": lambda m: "x"})
+    with retrain_lock(settings.home):
+        report = cycle(settings, gateway, []).run()
+    assert report.status == "skipped" and "lock" in report.reason
+
+
+@pytest.mark.parametrize(("cand", "cur", "cand_r", "cur_r", "verdict"), [
+    (0.80, 0.70, 1.0, 1.0, True),
+    (0.705, 0.70, 1.0, 1.0, False),  # under the margin
+    (0.90, 0.70, 0.90, 1.0, False),  # regression set fell beyond tolerance
+    (0.90, 0.70, 0.99, 1.0, True),  # within tolerance
+])
+def test_decision_rule(cand, cur, cand_r, cur_r, verdict) -> None:  # noqa: ANN001
+    def result(acc: float) -> EvalResult:
+        return EvalResult("m", 1000, int(acc * 1000), 0)
+
+    scores = {"candidate_heldout": result(cand), "current_heldout": result(cur),
+              "candidate_regression": result(cand_r), "current_regression": result(cur_r)}
+    assert decide(scores, margin=0.01, tolerance=0.02)[0] is verdict
+
+
+def test_normalise_and_evaluate_count_errors_as_wrong() -> None:
+    assert normalise(' {"intent": "a"} ') == normalise('{"intent":"a"}')
+    assert normalise("Card_Arrival.") == normalise("card_arrival")
+
+    class Flaky:
+        def chat(self, model, messages, max_tokens, response_format=None):  # noqa: ANN001, ANN201
+            if messages[-1]["content"] == "boom":
+                raise RuntimeError("down")
+            return "yes"
+
+    rows = [{"prompt": [{"role": "user", "content": c}], "completion": [{"role": "assistant", "content": "yes"}]}
+            for c in ("a", "boom", "c")]
+    result = evaluate(Flaky(), "student:x", rows)
+    assert (result.correct, result.failed, result.rows) == (2, 1, 3)
+
+
+def test_schedule_parsing_and_loop() -> None:
+    assert parse_every("6h") == 21600 and parse_every("30m") == 1800
+    with pytest.raises(ValueError):
+        parse_every("soon")
+
+    class Done:
+        def run(self):  # noqa: ANN201
+            class R:
+                def summary(self) -> str:
+                    return "ok"
+            return R()
+
+    sleeps: list[float] = []
+    run_forever(lambda: Done(), 5.0, sleep=sleeps.append, max_cycles=3)  # type: ignore[arg-type,return-value]
+    assert sleeps == [5.0, 5.0]
