@@ -95,6 +95,8 @@ class BuildOptions:
     base_model: str | None = None
     current_adapter_version: str | None = None
     carry_regression: bool = True
+    # Callers whose traffic never becomes training data (evaluation harnesses, canaries).
+    exclude_callers: frozenset[str] = frozenset()
     clock: Callable[[], float] = time.time
 
     def describe(self) -> dict[str, Any]:
@@ -109,6 +111,7 @@ class BuildOptions:
             "judge": self.judge is not None,
             "min_judge_score": self.min_judge_score if self.judge is not None else None,
             "carry_regression": self.carry_regression,
+            "exclude_callers": sorted(self.exclude_callers),
         }
 
 
@@ -197,6 +200,33 @@ def build_datasets(db_path: Path, out_dir: Path, options: BuildOptions) -> Manif
     return _write_version(task_dir, files, options, current, tally, sides)
 
 
+def options_from_settings(
+    settings: Settings,
+    task: str | None,
+    since: float | None = None,
+    until: float | None = None,
+    current_adapter_version: str | None = None,
+    judge: Judge | None = None,
+    validators: Sequence[Validator] = (),
+) -> BuildOptions:
+    """The build options every caller (the CLI, the retrain) derives from the settings."""
+    return BuildOptions(
+        task=task,
+        since=since,
+        until=until,
+        holdout_share=settings.trainer.holdout_share,
+        per_caller_cap=settings.trainer.per_caller_cap,
+        exclude_callers=frozenset(settings.trainer.exclude_callers),
+        scrub_pii=settings.trainer.scrub_pii,
+        near_dup_threshold=settings.trainer.near_dup_threshold,
+        length=LengthRule(max_total_chars=4 * settings.student.vllm_max_model_len),
+        validators=tuple(validators),
+        judge=judge,
+        base_model=str(settings.student_model_dir),
+        current_adapter_version=current_adapter_version,
+    )
+
+
 def data_build_command(
     settings: Settings,
     task: str | None,
@@ -208,19 +238,8 @@ def data_build_command(
     validators: Sequence[Validator] = (),
 ) -> Manifest:
     """What `protege data build [--task T] [--since 7d] [--out DIR]` runs."""
-    options = BuildOptions(
-        task=task,
-        since=parse_time(since),
-        until=parse_time(until),
-        holdout_share=settings.trainer.holdout_share,
-        per_caller_cap=settings.trainer.per_caller_cap,
-        scrub_pii=settings.trainer.scrub_pii,
-        near_dup_threshold=settings.trainer.near_dup_threshold,
-        length=LengthRule(max_total_chars=4 * settings.student.vllm_max_model_len),
-        validators=tuple(validators),
-        judge=judge,
-        base_model=str(settings.student_model_dir),
-    )
+    options = options_from_settings(settings, task, parse_time(since), parse_time(until),
+                                    judge=judge, validators=validators)
     return build_datasets(settings.db_path, out or settings.data_dir, options)
 
 
@@ -276,6 +295,9 @@ def _collect(conn: Any, options: BuildOptions, current: str | None, tally: _Tall
     found: dict[Kind, list[Example]] = {kind: [] for kind in KINDS}
     for row in read_log(conn, options.task, options.since, options.until):
         tally.requests["read"] += 1
+        if row.caller in options.exclude_callers:
+            tally.requests["skipped:excluded_caller"] += 1
+            continue
         tally.first_row_at = row.created_at if tally.first_row_at is None else tally.first_row_at
         tally.last_row_at = row.created_at
         prompt, problem = parse_prompt(row.messages)

@@ -22,7 +22,7 @@ from gateway.backends import ChatBackend, Pricing
 from gateway.errors import InvalidRequest, NotFound, Overloaded, ProtegeError
 from gateway.http import read_json
 from gateway.metrics import Metrics
-from gateway.schemas import parse_chat_request
+from gateway.schemas import ChatRequest, parse_chat_request
 from gateway.service import AdapterResolver, CallContext, ChatService
 from gateway.settings import Settings
 
@@ -30,6 +30,9 @@ log = logging.getLogger("protege.gateway")
 
 ROUTE_HEADER = "x-protege-route"
 REQUEST_ID_HEADER = "x-protege-request-id"
+# uvicorn's httptools parser buffers request headers without any limit; past this total the
+# request is refused with 431 before any route runs (a reverse proxy should cap it earlier).
+MAX_HEADER_BYTES = 32 * 1024
 
 
 @dataclass
@@ -73,13 +76,59 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             await close_services(services)
 
     app = FastAPI(title="protege", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
     _install_routes(app, settings)
     app.include_router(build_feedback_router(
         services_of, get_caller=lambda request: services_of(request).auth.caller(request.headers.get("authorization")),
     ))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        # Like every route but the probes and /metrics: a caller key when keys are configured.
+        services_of(request).auth.caller(request.headers.get("authorization"))
+        return JSONResponse(app.openapi())
+
+    app.add_middleware(HeaderLimit, max_bytes=MAX_HEADER_BYTES)
     return app
+
+
+class HeaderLimit:
+    """Pure ASGI: refuse (431, OpenAI-shaped) requests whose headers total over ``max_bytes``."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_bytes:
+            error = InvalidRequest(f"request headers over {self.max_bytes} bytes", code="headers_too_large")
+            error.status_code = 431
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined, as OpenAPI wants a self-contained one."""
+    schema = dict(schema)
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.rsplit("/", 1)[1]])
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return node
+
+    return walk(schema)
+
+
+CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inline_refs(ChatRequest.model_json_schema())}}}}
 
 
 # -- errors: the one place they become HTTP ----------------------------------------------------
@@ -137,7 +186,7 @@ def _route_headers(record: Any) -> dict[str, str]:
 def _install_routes(app: FastAPI, settings: Settings) -> None:
     server = settings.server
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_REQUEST_BODY)
     async def chat_completions(request: Request) -> Response:
         services = services_of(request)
         caller = services.auth.caller(request.headers.get("authorization"))

@@ -31,6 +31,17 @@ log = logging.getLogger("protege.backends")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503})
 
+# What the teacher gets as litellm arguments. Anything else a request carries goes in
+# ``extra_body`` (the teacher's HTTP body), never as a litellm keyword: litellm reads many of
+# its keywords as instructions (``mock_response`` answers without calling the teacher,
+# ``api_base``/``base_url``/``headers``/``api_version`` steer where and how it connects).
+TEACHER_PARAMS = frozenset({
+    "messages", "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens",
+    "presence_penalty", "frequency_penalty", "logit_bias", "user", "response_format", "seed",
+    "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "stream_options",
+    "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "functions", "function_call",
+})
+
 
 class ChatBackend(Protocol):
     name: str
@@ -44,6 +55,9 @@ def error_for_status(backend: str, status: int, message: str) -> BackendError:
     """One mapping from an upstream HTTP status to our error kinds."""
     if status == 429:
         return BackendRateLimited(message, backend=backend, upstream_status=status)
+    if status in (401, 403):
+        # The upstream refused the gateway's own credentials: not the caller's fault (no 400).
+        return BackendError(message, backend=backend, upstream_status=status, code="upstream_auth_failed")
     if status in (408, 504):
         return BackendTimeout(message, backend=backend, upstream_status=status)
     if status == 503:
@@ -51,6 +65,13 @@ def error_for_status(backend: str, status: int, message: str) -> BackendError:
     if 400 <= status < 500:
         return BackendRejected(message, backend=backend, upstream_status=status)
     return BackendError(message, backend=backend, upstream_status=status)
+
+
+def redact(text: str, secret: Any) -> str:
+    """``text`` without the value of ``secret`` (a SecretStr or None): upstream error messages
+    may echo the key they were sent, and they end up in answers, logs and the SQLite log."""
+    value = secret.get_secret_value() if secret is not None else ""
+    return text.replace(value, "[redacted]") if len(value) >= 4 else text
 
 
 def _upstream_message(body: bytes) -> str:
@@ -80,6 +101,7 @@ class StudentBackend:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = settings.timeout_s
         self._headers = {"content-type": "application/json"}
+        self._api_key = settings.api_key
         if settings.api_key is not None:
             self._headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         self._session: aiohttp.ClientSession | None = None
@@ -116,7 +138,7 @@ class StudentBackend:
         except aiohttp.ClientError as exc:
             raise self._unavailable(exc) from exc
         if status != 200:
-            raise error_for_status("student", status, _upstream_message(body))
+            raise error_for_status("student", status, redact(_upstream_message(body), self._api_key))
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -127,7 +149,8 @@ class StudentBackend:
             async with self.session.post(f"{self.base_url}/chat/completions", data=orjson.dumps(payload),
                                          timeout=self._stream_timeout) as response:
                 if response.status != 200:
-                    raise error_for_status("student", response.status, _upstream_message(await response.read()))
+                    message = redact(_upstream_message(await response.read()), self._api_key)
+                    raise error_for_status("student", response.status, message)
                 async for raw in response.content:
                     chunk = _sse_chunk(raw)
                     if chunk is _DONE:
@@ -243,7 +266,10 @@ class TeacherBackend:
             cache.clear()
 
     def _call_args(self, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
-        args = {key: value for key, value in payload.items() if key not in ("model", "stream")}
+        args = {key: value for key, value in payload.items() if key in TEACHER_PARAMS}
+        extra = {key: value for key, value in payload.items() if key not in TEACHER_PARAMS and key not in ("model", "stream")}
+        if extra:
+            args["extra_body"] = extra
         args.update(model=self.model, stream=stream, timeout=self.settings.timeout_s, num_retries=0, max_retries=0)
         if self.settings.api_base:
             args["api_base"] = self.settings.api_base
@@ -253,7 +279,7 @@ class TeacherBackend:
 
     def _translate(self, exc: Exception) -> BackendError:
         status = getattr(exc, "status_code", None)
-        message = f"teacher failed: {exc.__class__.__name__}: {_first_line(str(exc))}"
+        message = redact(f"teacher failed: {exc.__class__.__name__}: {_first_line(str(exc))}", self.settings.api_key)
         if isinstance(exc, (asyncio.TimeoutError, self._litellm.exceptions.Timeout)):
             return BackendTimeout(f"teacher timed out after {self.settings.timeout_s}s", backend="teacher",
                                   upstream_status=408)

@@ -85,12 +85,12 @@ def cmd_router_train(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from gateway.adapters_cli import gateway_url
     from trainer.gateway_client import GatewayClient
-    from trainer.retrain import Cycle, options_from_settings, parse_every, run_forever
+    from trainer.retrain import Cycle, parse_every, retrain_options, run_forever
 
     settings = _settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
-    options = options_from_settings(settings, args.task)
+    options = retrain_options(settings, args.task)
     if args.init_from:
         from dataclasses import replace
 

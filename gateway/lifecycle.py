@@ -82,7 +82,7 @@ async def build_services(settings: Settings, overrides: Overrides) -> Services:
         metrics=metrics,
         pricing=pricing,
         store_messages=settings.log.store_messages,
-        min_confidence_wanted=settings.router.min_confidence is not None,
+        request_logprobs=settings.router.request_logprobs,
         teacher_allows=teacher_allows,
         shadow=shadow,
     )

@@ -42,7 +42,8 @@ class CallRecord:
     adapter_version: str | None = None
     answer: str | None = None
     draft: str | None = None
-    confidence: float | None = None
+    confidence: float | None = None  # mean token log-probability of the student's answer
+    min_logprob: float | None = None
     status: str = "ok"
     http_status: int = 200
     error: str | None = None

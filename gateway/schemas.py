@@ -119,6 +119,13 @@ def estimate_tokens(messages: list[ChatMessage]) -> int:
     return sum(len(m.text()) // 4 + 4 for m in messages)
 
 
+def _inner_schema(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    if response_format is None or response_format.type != "json_schema" or not response_format.json_schema:
+        return None
+    schema = response_format.json_schema.get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
 def to_features(
     request: ChatRequest, caller: str, route_header: str | None, teacher_available: bool
 ) -> RequestFeatures:
@@ -130,6 +137,7 @@ def to_features(
         estimated_tokens=estimate_tokens(request.messages),
         has_tools=bool(request.tools),
         response_format=request.response_format.type if request.response_format else None,
+        json_schema=_inner_schema(request.response_format),
         caller=caller,
         route_header=route_header,
         teacher_available=teacher_available,

@@ -95,7 +95,7 @@ class ChatService:
         metrics: Metrics,
         pricing: Pricing | None,
         store_messages: bool,
-        min_confidence_wanted: bool,
+        request_logprobs: bool,
         shadow: ShadowHook | None = None,
         teacher_allows: Any = None,
     ) -> None:
@@ -107,7 +107,9 @@ class ChatService:
         self.metrics = metrics
         self.pricing = pricing
         self.store_messages = store_messages
-        self.want_logprobs = min_confidence_wanted
+        # Asked of the student on every call, so that `confidence` is logged for calibrating the
+        # cascade even before it is switched on; stripped again unless the caller asked.
+        self.want_logprobs = request_logprobs
         self.shadow = shadow
         # A callable telling whether the teacher is accepting calls (cool-down); None: always.
         self.teacher_allows = teacher_allows
@@ -170,7 +172,7 @@ class ChatService:
             record.route, record.adapter, record.adapter_version = "student", lease.alias, lease.version
             payload["model"] = lease.model_name
             body = await self.student.complete(payload)
-        record.confidence = mean_logprob(body)
+        record.confidence, record.min_logprob = logprob_stats(body)
         if self.want_logprobs and not asked_logprobs:
             for choice in body.get("choices") or []:
                 choice.pop("logprobs", None)
@@ -183,7 +185,8 @@ class ChatService:
         failure: BackendError | None = None
         try:
             body = await self._call_student(request, decision, record)
-            outcome = StudentOutcome(mean_logprob=record.confidence, output_text=answer_text(body))
+            outcome = StudentOutcome(mean_logprob=record.confidence, min_logprob=record.min_logprob,
+                                     output_text=answer_text(body))
         except BackendTimeout as exc:
             failure, outcome = exc, StudentOutcome(error="timeout")
         except BackendError as exc:
@@ -366,12 +369,14 @@ async def _first_chunk(upstream: AsyncIterator[dict[str, Any]]) -> dict[str, Any
     return await anext(upstream, None)
 
 
-def mean_logprob(body: dict[str, Any]) -> float | None:
-    """Mean token log-probability of the first choice, when the backend returned logprobs."""
+def logprob_stats(body: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(mean, min) token log-probability of the first choice, when the backend returned logprobs."""
     choices = body.get("choices") or []
     if not choices:
-        return None
+        return None, None
     content = ((choices[0].get("logprobs") or {}).get("content")) or []
     values = [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), (int, float))]
     values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+    if not values:
+        return None, None
+    return sum(values) / len(values), min(values)

@@ -182,8 +182,8 @@ class LogSettings(_Section):
 
 class RouterSettings(_Section):
     policies: list[str] = Field(
-        default_factory=lambda: ["explicit", "rules", "fallback"],
-        description="Router policies in order; the first that decides wins.",
+        default_factory=lambda: ["explicit", "rules", "fallback", "cascade"],
+        description="Router policies in order (pre-call: explicit, rules, difficulty — put difficulty last; post-call: fallback, cascade); the first that decides wins.",
     )
     student_context_tokens: int = Field(
         2048, ge=64, description="Conversations longer than this (estimated) go to the teacher."
@@ -200,13 +200,15 @@ class RouterSettings(_Section):
     difficulty_threshold: float | None = Field(
         None, description="Override of the artefact's calibrated threshold."
     )
+    request_logprobs: bool = Field(
+        True,
+        description="Ask the student for token log-probabilities on every call (logged as "
+        "`confidence`, used by the cascade and its calibration); stripped unless the caller asked.",
+    )
     min_confidence: float | None = Field(
         None,
         description="Confidence cascade: escalate when the student's mean token log-probability "
         "is below this. Unset: cascade off.",
-    )
-    cascade_hold_tokens: int = Field(
-        0, ge=0, description="Streaming: tokens held back while the cascade decides (0: pre-call only)."
     )
     cascade_statistic: Literal["mean", "min"] = Field(
         "mean",
@@ -246,6 +248,11 @@ class TrainerSettings(_Section):
         0.2, gt=0, le=1, description="Largest share of a data set from one caller."
     )
     scrub_pii: bool = Field(True, description="Scrub e-mails, phones, card numbers and keys.")
+    exclude_callers: list[str] = Field(
+        default_factory=list,
+        description="Caller key ids whose traffic never becomes training data (evaluation "
+        "harnesses, canaries).",
+    )
     holdout_share: float = Field(
         0.1,
         ge=0,

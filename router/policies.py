@@ -1,4 +1,8 @@
-"""Built-in policy kinds: explicit, rules, fallback."""
+"""Built-in policy kinds: explicit, rules, fallback; importing this registers all kinds.
+
+Scores: a decision that is certain by construction (explicit, a rule, a failure) scores 1.0,
+except the context-length rule, which records the estimated token count.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import re
 from gateway.settings import RouterSettings
 from router.base import register
 from router.types import RequestFeatures, RouteDecision, StudentOutcome
+
+CERTAIN = 1.0
 
 
 @register("explicit")
@@ -20,11 +26,11 @@ class ExplicitPolicy:
 
     def decide(self, features: RequestFeatures) -> RouteDecision | None:
         if features.route_header in ("student", "teacher"):
-            return RouteDecision(features.route_header, features.adapter, "explicit")
+            return RouteDecision(features.route_header, features.adapter, "explicit", CERTAIN)
         if features.requested_model == "teacher":
-            return RouteDecision("teacher", None, "explicit")
+            return RouteDecision("teacher", None, "explicit", CERTAIN)
         if features.requested_model == "student":
-            return RouteDecision("student", features.adapter, "explicit")
+            return RouteDecision("student", features.adapter, "explicit", CERTAIN)
         return None
 
 
@@ -43,14 +49,14 @@ class RulesPolicy:
         if features.estimated_tokens > self.max_tokens:
             return RouteDecision("teacher", None, "rule", float(features.estimated_tokens))
         if features.has_tools:
-            return RouteDecision("teacher", None, "rule")
+            return RouteDecision("teacher", None, "rule", CERTAIN)
         if features.caller in self.tenants:
-            return RouteDecision("teacher", None, "rule")
+            return RouteDecision("teacher", None, "rule", CERTAIN)
         last_user = next(
             (m.content for m in reversed(features.messages) if m.role == "user"), ""
         )
         if any(p.search(last_user) for p in self.patterns):
-            return RouteDecision("teacher", None, "rule")
+            return RouteDecision("teacher", None, "rule", CERTAIN)
         return None
 
 
@@ -65,5 +71,9 @@ class FailureFallbackPolicy:
 
     def review(self, features: RequestFeatures, outcome: StudentOutcome) -> RouteDecision | None:
         if outcome.error is not None:
-            return RouteDecision("teacher", features.adapter, outcome.error)
+            return RouteDecision("teacher", features.adapter, outcome.error, CERTAIN)
         return None
+
+
+# The other kinds live in their own modules; importing them registers them.
+from router import cascade, difficulty  # noqa: E402, F401

@@ -6,8 +6,9 @@ The gateway builds the features, asks, and acts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Target = Literal["student", "teacher"]
 
@@ -49,6 +50,10 @@ class RequestFeatures:
     route_header: str | None = None  # x-protege-route: "student" | "teacher"
     teacher_available: bool = True
     stream: bool = False
+    # For the cascade's validators. json_schema: the `schema` inside response_format.json_schema;
+    # label_set: the only acceptable answers (stripped), when the caller's task has a closed set.
+    json_schema: Mapping[str, Any] | None = None
+    label_set: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feedback.builder import BuildOptions, Manifest, build_datasets
+from feedback.builder import Manifest, build_datasets, options_from_settings
 from feedback.store import open_database
 from gateway.adapters_cli import AdminCallFailed
 from gateway.errors import Conflict, ProtegeError
@@ -207,17 +207,15 @@ class Cycle:
 
     def _build_data(self, since: float | None, parent: str) -> tuple[Manifest, int]:
         s = self.settings
-        common = {"task": self.options.task, "per_caller_cap": s.trainer.per_caller_cap,
-                  "scrub_pii": s.trainer.scrub_pii, "base_model": str(s.student_model_dir),
-                  "current_adapter_version": parent}
         probe_dir = s.data_dir / "_probe"
-        fresh = build_datasets(s.db_path, probe_dir, BuildOptions(since=since, **common))
+        fresh = build_datasets(s.db_path, probe_dir, options_from_settings(s, self.options.task, since=since,
+                                                                           current_adapter_version=parent))
         new_rows = int(fresh.files.get("sft.train.jsonl", {}).get("rows", 0))
         shutil.rmtree(probe_dir, ignore_errors=True)
         # Train on everything gathered so far: continued training on only the newest failures
         # forgets what the adapter knew. `since` only decides whether a cycle is worth running.
-        manifest = build_datasets(s.db_path, s.data_dir, BuildOptions(**common))
-        return manifest, new_rows
+        options = options_from_settings(s, self.options.task, current_adapter_version=parent)
+        return build_datasets(s.db_path, s.data_dir, options), new_rows
 
     def _train(self, manifest: Manifest, init_adapter: str | None) -> Path:
         s = self.settings
@@ -271,7 +269,7 @@ def decide(scores: dict[str, EvalResult], margin: float, tolerance: float) -> tu
     return True, f"held-out accuracy {cur:.3f} -> {cand:.3f}"
 
 
-def options_from_settings(settings: Settings, task: str) -> RetrainOptions:
+def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     t = settings.trainer
     return RetrainOptions(task=task, min_new_examples=t.min_new_examples, promote_margin=t.promote_margin,
                           regression_tolerance=t.regression_tolerance)

@@ -1,0 +1,89 @@
+"""Run configurations of the student trainer (SFT and DPO) and what a run returns.
+
+Plain dataclasses with help text in ``metadata``, TRL-style, so a CLI can build arguments from them.
+The trainer never reads the environment: the caller (``protege train``) builds these from Settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.model_prep import ALL_LINEAR
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class LoraPlacement:
+    """Where the LoRA adapters sit and how big they are."""
+
+    rank: int = field(default=16, metadata=_help(
+        "LoRA rank. Must not exceed the student server's max LoRA rank (vLLM --max-lora-rank)."))
+    alpha: float = field(default=32.0, metadata=_help("LoRA alpha; the update is scaled by alpha/rank."))
+    dropout: float = field(default=0.0, metadata=_help(
+        "LoRA dropout. 0 lets peft skip the dropout op entirely (faster on CPU)."))
+    target_modules: tuple[str, ...] = field(default=ALL_LINEAR, metadata=_help(
+        "Linear layers that get adapters; all seven of a Llama block is what vLLM CPU LoRA accepts."))
+    top_layers: int | None = field(default=None, metadata=_help(
+        "Put adapters only on the top N decoder layers (None: all layers). The frozen lower layers then "
+        "need no backward pass, which shortens each step; see docs/trainer.md for the accuracy trade-off."))
+
+
+@dataclass(frozen=True)
+class SFTRunConfig:
+    """Supervised fine-tuning of a LoRA adapter on prompt/completion rows."""
+
+    lora: LoraPlacement = field(default_factory=LoraPlacement, metadata=_help(
+        "Adapter shape; ignored when continuing from an existing adapter (its own shape is kept)."))
+    learning_rate: float = field(default=2e-4, metadata=_help("Peak AdamW learning rate."))
+    lr_scheduler: str = field(default="constant_with_warmup", metadata=_help(
+        "transformers scheduler name. Constant keeps a time-budgeted run learning until it is stopped."))
+    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up steps."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    batch_size: int = field(default=16, metadata=_help("Examples per optimiser step."))
+    epochs: float = field(default=1.0, metadata=_help("Passes over the rows (fractions allowed)."))
+    max_steps: int | None = field(default=None, metadata=_help(
+        "Stop after this many optimiser steps (overrides epochs)."))
+    time_budget_s: float | None = field(default=None, metadata=_help(
+        "Stop after the first step that ends past this many seconds of training."))
+    max_length: int = field(default=512, metadata=_help(
+        "Rows whose tokenised prompt+completion is longer are dropped (never truncated: a cut "
+        "completion would teach the model to stop mid-answer)."))
+    padding_free: bool = field(default=True, metadata=_help(
+        "Concatenate a batch into one row with per-example positions (block-diagonal attention) "
+        "instead of padding. False: length-grouped padded batches."))
+    threads: int | None = field(default=None, metadata=_help(
+        "torch intra-op threads; None: the CPU cores this process may use."))
+    seed: int = field(default=0, metadata=_help("Seed of the shuffle and the LoRA initialisation."))
+    logging_steps: int = field(default=10, metadata=_help("Steps between loss log lines."))
+
+
+@dataclass(frozen=True)
+class DPORunConfig:
+    """Preference tuning (DPO) on top of an SFT adapter; never on the bare base."""
+
+    beta: float = field(default=0.1, metadata=_help("DPO beta: strength of the pull to the reference."))
+    learning_rate: float = field(default=5e-6, metadata=_help(
+        "Peak learning rate; DPO wants 5e-6..1e-5, far below SFT."))
+    batch_size: int = field(default=8, metadata=_help("Preference pairs per optimiser step."))
+    epochs: float = field(default=1.0, metadata=_help("Passes over the pairs."))
+    max_steps: int | None = field(default=None, metadata=_help("Stop after this many steps."))
+    max_length: int = field(default=512, metadata=_help("Longest prompt+completion kept, in tokens."))
+    threads: int | None = field(default=None, metadata=_help("torch threads; None: all usable cores."))
+    seed: int = field(default=0, metadata=_help("Seed of the shuffle."))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run produced and what it cost."""
+
+    out_dir: Path
+    examples: int  # rows consumed, counting repeats across epochs
+    seconds: float  # wall time of the training loop only (not loading or tokenising)
+    examples_per_s: float
+    tokens: int  # non-padding tokens through the model
+    peak_rss_bytes: int  # peak resident memory of this process so far (ru_maxrss)
+    final_loss: float

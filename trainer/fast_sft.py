@@ -1,0 +1,371 @@
+"""Fast LoRA training of the student on CPU: TRL's SFTTrainer/DPOTrainer, configured for throughput.
+
+What makes SFT fast here (measured in docs/trainer.md):
+
+* no gradient checkpointing (TRL 1.16 turns it on by default; on CPU it only costs time), fp32;
+* padding-free batches (one concatenated row, per-example positions; transformers builds the
+  block-diagonal mask from them) or, alternatively, length-grouped padded batches;
+* loss and logits only on completion tokens: the backbone's hidden states are gathered at the
+  completion positions *before* the 49k-vocabulary lm_head (TRL's fused head scores every position
+  on CPU and adds entropy/accuracy metrics);
+* optionally LoRA on the top layers only, so the frozen lower layers run forward without autograd;
+* torch threads = usable cores.
+
+Everything else (tokenisation, labels, collation, optimiser, schedule) is stock TRL/transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.config import DPORunConfig, SFTRunConfig, TrainResult
+from trainer.lora import attach_lora, check_adapter_dir, save_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Row = dict[str, Any]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    count = threads or usable_cores()
+    torch.set_num_threads(count)
+    return count
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: Row) -> tuple[list[int], int]:
+    """Token ids of prompt+completion and the prompt's length, as TRL tokenises a conversational
+    prompt/completion row (the completion starts where the two tokenisations diverge)."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                         return_dict=True)["input_ids"]
+    shared = 0
+    for a, b in zip(prompt, full, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return list(full), shared
+
+
+def build_dataset(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Row],
+                  max_length: int) -> tuple[Dataset, int]:
+    """Pre-tokenised dataset (input_ids + completion_mask) and the count of rows dropped as too long.
+
+    Tokenising here rather than in TRL lets padding-free training drop over-long rows instead of
+    truncating them (TRL refuses max_length with padding-free and no packing).
+    """
+    from datasets import Dataset
+
+    input_ids: list[list[int]] = []
+    masks: list[list[int]] = []
+    for row in rows:
+        ids, prompt_len = tokenize_row(tokenizer, row)
+        if len(ids) > max_length or prompt_len >= len(ids):
+            continue
+        input_ids.append(ids)
+        masks.append([0] * prompt_len + [1] * (len(ids) - prompt_len))
+    if not input_ids:
+        raise ValueError(f"no usable rows: all {len(rows)} are longer than {max_length} tokens "
+                         "or have an empty completion")
+    dataset = Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks})
+    return dataset, len(rows) - len(input_ids)
+
+
+# --- the completion-only loss -------------------------------------------------------------------
+
+
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model  # type: ignore[return-value]
+
+
+def completion_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None,
+                   num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token NLL over the positions whose label is not -100.
+
+    Equals ``cross_entropy(model(...).logits[:, :-1], labels[:, 1:], ignore_index=-100)`` but
+    applies the lm_head only at the scored positions: with a few completion tokens per row, the
+    full (tokens x 49k) logits are most of the step's time and memory. ``num_items`` overrides the
+    divisor (transformers passes the batch's token count for gradient accumulation).
+    """
+    import torch.nn.functional as F
+
+    causal_lm = _causal_lm(model)
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    scored = targets != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][scored])
+    total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+    divisor = scored.sum() if num_items is None else num_items
+    return total / max(int(divisor), 1)
+
+
+def _batch_stats(inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(examples, real tokens) of a collated batch, padded or padding-free."""
+    position_ids = inputs.get("position_ids")
+    if "attention_mask" in inputs:
+        mask = inputs["attention_mask"]
+        return int(mask.shape[0]), int(mask.sum())
+    if position_ids is not None:
+        return int((position_ids == 0).sum()), int(position_ids.numel())
+    ids = inputs["input_ids"]
+    return int(ids.shape[0]), int(ids.numel())
+
+
+# --- trainer ------------------------------------------------------------------------------------
+
+
+def _trainer_classes() -> tuple[type, type]:
+    # Defined lazily: importing trl/transformers at module import would slow every CLI start.
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class CompletionOnlySFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss gathers completion positions before the lm_head; no extra metrics."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - TRL's signature
+            super().__init__(*args, **kwargs)
+            self.examples_seen = 0
+            self.tokens_seen = 0
+            self.recent_losses: list[float] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            loss = completion_nll(model, inputs["input_ids"], inputs["labels"],
+                                  attention_mask=inputs.get("attention_mask"),
+                                  position_ids=inputs.get("position_ids"),
+                                  num_items=num_items_in_batch)
+            if model.training:
+                examples, tokens = _batch_stats(inputs)
+                self.examples_seen += examples
+                self.tokens_seen += tokens
+                self.recent_losses = (self.recent_losses + [float(loss.detach())])[-10:]
+            return (loss, None) if return_outputs else loss
+
+    class TimeBudget(TrainerCallback):
+        """Stops training after the first step that ends past the budget."""
+
+        def __init__(self, budget_s: float) -> None:
+            self.budget_s = budget_s
+            self.started = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if time.perf_counter() - self.started >= self.budget_s:
+                control.should_training_stop = True
+
+    return CompletionOnlySFTTrainer, TimeBudget
+
+
+def sft_arguments(config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN401 - trl.SFTConfig
+    """The SFTConfig protege trains with: TRL's, minus what costs time on CPU."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(scratch_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        gradient_checkpointing=False,  # TRL's default is True: recomputation is pure loss on CPU
+        bf16=False,  # TRL's default is True; CPUs without AMX run bf16 slower than fp32
+        use_cpu=True,
+        padding_free=config.padding_free,
+        max_length=None,  # build_dataset already dropped over-long rows
+        completion_only_loss=True,
+        train_sampling_strategy="random" if config.padding_free else "group_by_length",
+        dataloader_num_workers=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=config.logging_steps,
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+    )
+
+
+def _load_for_training(base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def train_sft(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: SFTRunConfig,
+              init_adapter: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on prompt/completion rows and save it (standard peft) to ``out_dir``.
+
+    ``rows`` are TRL conversational prompt/completion rows: ``{"prompt": [messages...],
+    "completion": [{"role": "assistant", "content": ...}]}``; loss is on the completion only.
+    ``init_adapter`` continues training an existing adapter (its rank/placement are kept).
+    """
+    from transformers import set_seed
+
+    set_threads(config.threads)
+    set_seed(config.seed)
+    model, tokenizer = _load_for_training(Path(base_dir))
+    dataset, _dropped = build_dataset(tokenizer, rows, config.max_length)
+    peft_model = attach_lora(model, config.lora, init_adapter)
+    trainer_cls, budget_cls = _trainer_classes()
+    with tempfile.TemporaryDirectory(prefix="protege-sft-") as scratch:
+        trainer = trainer_cls(model=peft_model, args=sft_arguments(config, Path(scratch)),
+                              train_dataset=dataset, processing_class=tokenizer)
+        if config.time_budget_s is not None:
+            trainer.add_callback(budget_cls(config.time_budget_s))
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    save_adapter(peft_model, Path(out_dir), Path(base_dir))
+    return _result(Path(out_dir), trainer, seconds)
+
+
+def _result(out_dir: Path, trainer: Any, seconds: float) -> TrainResult:  # noqa: ANN401
+    losses = trainer.recent_losses
+    return TrainResult(
+        out_dir=out_dir,
+        examples=trainer.examples_seen,
+        seconds=seconds,
+        examples_per_s=trainer.examples_seen / seconds if seconds > 0 else 0.0,
+        tokens=trainer.tokens_seen,
+        peak_rss_bytes=peak_rss_bytes(),
+        final_loss=sum(losses) / len(losses) if losses else math.nan,
+    )
+
+
+# --- evaluation (benchmark only; production evaluates through vLLM) ----------------------------
+
+
+def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    prompts: Sequence[list[dict]], max_new_tokens: int,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy completions of chat prompts, batched with left padding."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                 for p in prompts[start:start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+def label_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   rows: Sequence[Row], labels: Sequence[str]) -> float:
+    """Share of rows whose greedy answer, stripped, equals the expected label."""
+    if len(rows) != len(labels):
+        raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+    answers = generate_greedy(model, tokenizer, [row["prompt"] for row in rows], longest + 2)
+    hits = sum(answer.strip() == label for answer, label in zip(answers, labels, strict=True))
+    return hits / len(rows)
+
+
+def evaluate_labels(base_dir: Path, adapter_dir: Path | None, rows: Sequence[Row],
+                    labels: Sequence[str]) -> float:
+    """Greedy exact-match accuracy of base (+ adapter) on ``rows`` (their ``prompt`` only).
+
+    ``labels[i]`` is the expected answer of ``rows[i]``.
+    """
+    from peft import PeftModel
+
+    model, tokenizer = _load_for_training(Path(base_dir))
+    model.config.use_cache = True
+    if adapter_dir is not None:
+        check_adapter_dir(Path(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return label_accuracy(model, tokenizer, rows, labels)
+
+
+# --- DPO ----------------------------------------------------------------------------------------
+
+
+def train_dpo(base_dir: Path, sft_adapter: Path, pairs: Sequence[Row], out_dir: Path,
+              config: DPORunConfig) -> TrainResult:
+    """Preference-tune an SFT adapter with TRL's DPOTrainer and save the result to ``out_dir``.
+
+    ``pairs`` are TRL conversational preference rows: ``{"prompt": [...], "chosen": [assistant
+    message], "rejected": [assistant message]}``. The reference policy is the SFT adapter itself
+    (loaded a second time, frozen, as TRL's ``ref`` adapter), never the bare base.
+    """
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    check_adapter_dir(Path(sft_adapter))
+    set_threads(config.threads)
+    set_seed(config.seed)
+    model, tokenizer = _load_for_training(Path(base_dir))
+    policy = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
+    policy.load_adapter(str(sft_adapter), adapter_name="ref", is_trainable=False)
+    policy.set_adapter("default")
+    dataset = Dataset.from_list([dict(pair) for pair in pairs])
+    with tempfile.TemporaryDirectory(prefix="protege-dpo-") as scratch:
+        args = DPOConfig(
+            output_dir=scratch, beta=config.beta, learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size, num_train_epochs=config.epochs,
+            max_steps=config.max_steps if config.max_steps is not None else -1,
+            max_length=config.max_length, gradient_checkpointing=False, bf16=False, use_cpu=True,
+            precompute_ref_log_probs=False, save_strategy="no", report_to="none",
+            disable_tqdm=True, seed=config.seed, data_seed=config.seed, logging_steps=1,
+        )
+        trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+        started = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - started
+    policy.delete_adapter("ref")
+    save_adapter(policy, Path(out_dir), Path(base_dir))
+    steps = max(int(output.global_step), 1)
+    examples = min(steps * config.batch_size, len(pairs) * max(1, math.ceil(config.epochs)))
+    return TrainResult(out_dir=Path(out_dir), examples=examples, seconds=seconds,
+                       examples_per_s=examples / seconds if seconds > 0 else 0.0, tokens=0,
+                       peak_rss_bytes=peak_rss_bytes(), final_loss=float(output.training_loss))
