@@ -252,3 +252,41 @@ def test_overload_answers_429_not_queue(client_factory, fake_student) -> None:
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "overloaded"
     client.app.state.services.in_flight = 0
+
+
+def test_low_confidence_answer_is_escalated_and_draft_logged(client_factory, fake_student, fake_teacher) -> None:
+    client, settings = client_factory(router={"min_confidence": -1.0})
+    fake_student.enqueue(completion("unsure guess", logprobs=[-3.0, -2.5]))
+    fake_teacher.enqueue(completion("confident answer"))
+    response = client.post("/v1/chat/completions", json={"model": "auto", "messages": MESSAGES})
+    assert response.headers["x-protege-route"] == "teacher; reason=low_confidence"
+    assert response.json()["choices"][0]["message"]["content"] == "confident answer"
+    assert fake_student.payloads[0]["logprobs"] is True  # asked for, to measure confidence
+    [row] = rows(client, settings)
+    assert (row["draft"], row["answer"], row["reason"]) == ("unsure guess", "confident answer", "low_confidence")
+    assert row["confidence"] == pytest.approx(-2.75)
+
+
+def test_confident_answer_stays_and_logprobs_are_stripped(client_factory, fake_student) -> None:
+    client, settings = client_factory(router={"min_confidence": -1.0})
+    fake_student.enqueue(completion("sure", logprobs=[-0.1, -0.2]))
+    response = client.post("/v1/chat/completions", json={"model": "auto", "messages": MESSAGES})
+    assert response.headers["x-protege-route"] == "student; reason=student"
+    assert "logprobs" not in response.json()["choices"][0]  # the caller did not ask for them
+    [row] = rows(client, settings)
+    assert row["confidence"] == pytest.approx(-0.15)
+
+
+def test_output_failing_the_json_schema_is_escalated(client_factory, fake_student, fake_teacher) -> None:
+    client, settings = client_factory()
+    schema = {"type": "object", "properties": {"intent": {"type": "string", "enum": ["a", "b"]}},
+              "required": ["intent"]}
+    fake_student.enqueue(completion('{"intent": "made_up"}'))
+    fake_teacher.enqueue(completion('{"intent": "a"}'))
+    response = client.post("/v1/chat/completions", json={
+        "model": "auto", "messages": MESSAGES,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    })
+    assert response.headers["x-protege-route"] == "teacher; reason=invalid_output"
+    [row] = rows(client, settings)
+    assert row["draft"] == '{"intent": "made_up"}'
