@@ -238,6 +238,21 @@ class TrainerSettings(_Section):
         None, description="Where built data sets live. Unset: `datasets/` under `home`."
     )
     min_new_examples: int = Field(32, ge=1, description="A retrain with fewer new rows stops.")
+    init_from: Literal["current", "base"] = Field(
+        "current", description="Retrain continues the served adapter (`current`) or starts from the base."
+    )
+    sft_learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the LoRA SFT.")
+    sft_epochs: float = Field(2.0, gt=0, description="Passes over the SFT rows per retrain.")
+    sft_batch_size: int = Field(16, ge=1, description="SFT examples per optimiser step.")
+    sft_time_budget_s: float | None = Field(
+        None, gt=0, description="Stop SFT after this many seconds of training (None: no limit)."
+    )
+    dpo_min_pairs: int = Field(
+        64, ge=1, description="DPO runs on top of the SFT adapter only with at least this many pairs."
+    )
+    eval_max_rows: int = Field(
+        300, ge=1, description="Held-out and regression rows scored per adapter in a retrain."
+    )
     promote_margin: float = Field(
         0.01, ge=0, description="A candidate must beat the current adapter by this much."
     )

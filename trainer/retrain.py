@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,18 @@ class RunLog:
 
     def __init__(self, db_path: Path) -> None:
         self.db = open_database(db_path)
+
+    def served_response_format(self, task: str) -> dict[str, Any] | None:
+        """The response format the task's callers use (most common in its recent traffic): the
+        candidate is evaluated the way it will be asked."""
+        counts: dict[str, int] = {}
+        for (params,) in self.db.conn.execute(
+                "SELECT params FROM requests WHERE adapter = ? ORDER BY created_at DESC LIMIT 200", (task,)):
+            fmt = json.loads(params or "{}").get("response_format")
+            if fmt is not None:
+                key = json.dumps(fmt, sort_keys=True)
+                counts[key] = counts.get(key, 0) + 1
+        return json.loads(max(counts, key=counts.__getitem__)) if counts else None
 
     def last_until(self, task: str) -> float | None:
         row = self.db.conn.execute(
@@ -200,6 +212,8 @@ class Cycle:
             report.status = "skipped"
             report.reason = f"only {fresh} new training rows since the last cycle (need {opts.min_new_examples})"
             return
+        if opts.response_format is None:
+            self.options = replace(opts, response_format=runs.served_response_format(opts.task))
         candidate_dir = self._train(manifest, current.path if current and opts.init_from == "current" else None)
         served = self.gateway.register(opts.task, str(candidate_dir.relative_to(self.settings.adapters_dir)))
         report.candidate = served.name
@@ -271,8 +285,11 @@ def decide(scores: dict[str, EvalResult], margin: float, tolerance: float) -> tu
 
 def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     t = settings.trainer
-    return RetrainOptions(task=task, min_new_examples=t.min_new_examples, promote_margin=t.promote_margin,
-                          regression_tolerance=t.regression_tolerance)
+    sft = SFTRunConfig(learning_rate=t.sft_learning_rate, epochs=t.sft_epochs, batch_size=t.sft_batch_size,
+                       time_budget_s=t.sft_time_budget_s)
+    return RetrainOptions(task=task, init_from=t.init_from, sft=sft, min_new_examples=t.min_new_examples,
+                          dpo_min_pairs=t.dpo_min_pairs, promote_margin=t.promote_margin,
+                          regression_tolerance=t.regression_tolerance, eval_max_rows=t.eval_max_rows)
 
 
 def parse_every(text: str) -> float:

@@ -1,0 +1,293 @@
+"""The closed loop on BANKING77: does the student take the task over from the teacher?
+
+Real gateway (`protege serve`, managed vLLM student starting from `base@v0`), real trainer
+(`protege retrain`), a teacher stand-in reached through litellm (an OpenAI-compatible server that
+answers with the data set's label; `--teacher-error-rate` makes it wrong on purpose). Simulated
+users send training-split messages with `model=auto` and a JSON-schema response format, then
+thumbs-down with the right label as a correction when the answer is wrong, thumbs-up when right.
+Every `--requests-per-cycle` requests the retrain runs; after each cycle a fixed sample of the
+test split measures student-alone accuracy, whole-system (`auto`) accuracy, teacher-call share,
+teacher cost avoided and latency. Output: CSV, a markdown table and a PNG plot in `--out`.
+
+    python -m bench.loop --quick            # CI smoke run: tiny N, one cycle
+    python -m bench.loop --cycles 3 --requests-per-cycle 3000 --test-sample 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from bench.banking77 import (
+    TEACHER_MODEL,
+    Row,
+    default_data_dir,
+    load_labels,
+    load_split,
+    messages_for,
+    parse_label,
+    response_format,
+    teacher_stand_in,
+)
+from bench.mock_openai import ServerThread, free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TASK = "banking77"
+USER_KEYS = {f"user{i}": f"sk-loop-user-{i}" for i in range(8)}
+EVAL_KEY_ID, EVAL_KEY = "loop-eval", "sk-loop-eval"
+ADMIN_KEY = "sk-loop-admin"
+# What the stand-in teacher is priced at (USD per token; gpt-4o-class list prices).
+TEACHER_PRICE_IN, TEACHER_PRICE_OUT = 2.5e-6, 10e-6
+
+
+@dataclass
+class CycleFigures:
+    cycle: int
+    adapter: str
+    student_accuracy: float
+    system_accuracy: float
+    teacher_share: float
+    teacher_cost_avoided_usd: float
+    p50_ms: float
+    p95_ms: float
+    retrain_status: str
+    retrain_wall_s: float
+    train_requests: int
+
+
+def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespace) -> Path:
+    config = {
+        "home": str(home),
+        "server": {"port": port, "max_concurrency": 64},
+        "auth": {"api_keys": {**USER_KEYS, EVAL_KEY_ID: EVAL_KEY}, "admin_key": ADMIN_KEY},
+        "student": {"default_adapter": TASK, "timeout_s": 120},
+        "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
+                    "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},
+        "router": {"min_confidence": args.min_confidence},
+        "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, args.requests_per_cycle // 2),
+                    "sft_learning_rate": args.learning_rate, "sft_epochs": args.epochs,
+                    "init_from": "base"},
+    }
+    path = home / "protege.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_gateway(config: Path, log_path: Path, url: str, timeout_s: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(config), "serve"],
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited early; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise RuntimeError(f"gateway not ready after {timeout_s}s; see {log_path}")
+
+
+async def ask(client: httpx.AsyncClient, key: str, model: str, text: str, labels: list[str]) -> tuple[str | None, str, float, dict]:
+    started = time.perf_counter()
+    response = await client.post("/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, json={
+        "model": model, "messages": messages_for(text), "temperature": 0, "max_tokens": 32,
+        "response_format": response_format(labels)})
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        return None, "error", elapsed, {}
+    body = response.json()
+    route = response.headers.get("x-protege-route", "").split(";")[0]
+    return parse_label(body["choices"][0]["message"]["content"] or ""), route, elapsed, body
+
+
+async def simulate_users(url: str, rows: list[Row], labels: list[str], concurrency: int) -> int:
+    """Each row: one user asks, then rates the answer (and corrects it when wrong)."""
+    semaphore = asyncio.Semaphore(concurrency)
+    keys = list(USER_KEYS.values())
+
+    async def one(i: int, row: Row, client: httpx.AsyncClient) -> None:
+        key = keys[i % len(keys)]
+        async with semaphore:
+            label, _, _, body = await ask(client, key, "auto", row.text, labels)
+            if not body:
+                return
+            feedback: dict[str, Any] = {"request_id": body["id"], "rating": "up" if label == row.label else "down"}
+            if label != row.label:
+                feedback["correction"] = f'{{"intent": "{row.label}"}}'
+            await client.post("/v1/feedback", json=feedback, headers={"authorization": f"Bearer {key}"})
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await asyncio.gather(*(one(i, row, client) for i, row in enumerate(rows)))
+    return len(rows)
+
+
+async def measure(url: str, sample: list[Row], labels: list[str], concurrency: int) -> dict[str, Any]:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(row: Row, client: httpx.AsyncClient) -> tuple[bool, bool, str, float, dict]:
+        async with semaphore:
+            alone, _, _, _ = await ask(client, EVAL_KEY, f"student:{TASK}", row.text, labels)
+            system, route, ms, body = await ask(client, EVAL_KEY, "auto", row.text, labels)
+        return alone == row.label, system == row.label, route, ms, body
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        results = await asyncio.gather(*(one(row, client) for row in sample))
+    latencies = sorted(r[3] for r in results)
+    avoided = sum(TEACHER_PRICE_IN * r[4].get("usage", {}).get("prompt_tokens", 0)
+                  + TEACHER_PRICE_OUT * r[4].get("usage", {}).get("completion_tokens", 0)
+                  for r in results if r[2] == "student")
+    return {
+        "student_accuracy": sum(r[0] for r in results) / len(results),
+        "system_accuracy": sum(r[1] for r in results) / len(results),
+        "teacher_share": sum(r[2] == "teacher" for r in results) / len(results),
+        "teacher_cost_avoided_usd": avoided,
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+    }
+
+
+def current_adapter(url: str) -> str:
+    listing = httpx.get(f"{url}/admin/adapters", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
+    return next((a["version"] for a in listing["aliases"] if a["task"] == TASK and not a["tenant"]), "base@v0")
+
+
+def run_retrain(config: Path, db_path: Path, log_path: Path) -> tuple[str, float]:
+    """One `protege retrain` as its own process; its verdict is read back from retrain_runs."""
+    started = time.monotonic()
+    with log_path.open("a") as log:
+        subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "retrain", "--task", TASK],
+                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, check=False)
+    conn = sqlite3.connect(db_path)
+    try:
+        row = conn.execute("SELECT status, reason FROM retrain_runs ORDER BY started_at DESC LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    status = f"{row[0]}: {row[1]}" if row else "no run recorded"
+    return status, time.monotonic() - started
+
+
+def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(f) for f in figures]
+    with (out / "loop.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = ("| cycle | adapter | student acc | system acc | teacher share | cost avoided $ | p50 ms | p95 ms "
+              "| retrain | retrain s |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [header] + [
+        f"| {f.cycle} | {f.adapter} | {f.student_accuracy:.1%} | {f.system_accuracy:.1%} | {f.teacher_share:.1%} "
+        f"| {f.teacher_cost_avoided_usd:.4f} | {f.p50_ms:.0f} | {f.p95_ms:.0f} | {f.retrain_status} "
+        f"| {f.retrain_wall_s:.0f} |" for f in figures]
+    table = "\n".join(lines)
+    (out / "loop.md").write_text(table + "\n")
+    _plot(out / "loop.png", figures)
+    return table
+
+
+def _plot(path: Path, figures: list[CycleFigures]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycles = [f.cycle for f in figures]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(cycles, [f.student_accuracy for f in figures], marker="o", label="student alone accuracy")
+    ax.plot(cycles, [f.system_accuracy for f in figures], marker="o", label="system (auto) accuracy")
+    ax.plot(cycles, [f.teacher_share for f in figures], marker="o", label="teacher-call share (fallback)")
+    ax.set_xlabel("retrain cycle")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(cycles)
+    ax.legend()
+    ax.set_title("protege closed loop on BANKING77 (teacher: label stand-in)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=None, help="BANKING77 folder (default ../shared/data/banking77).")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "loop")
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--requests-per-cycle", type=int, default=3000)
+    parser.add_argument("--test-sample", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--teacher-error-rate", type=float, default=0.0)
+    parser.add_argument("--min-confidence", type=float, default=-0.05,
+                        help="Cascade threshold on the student's mean token log-probability.")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: 48 requests, one cycle, 16 test rows.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cycles, args.requests_per_cycle, args.test_sample, args.epochs = 1, 48, 16, 1.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_dir = args.data_dir or default_data_dir(REPO_ROOT)
+    if not (data_dir / "train.csv").is_file():
+        print(f"BANKING77 not found at {data_dir}; pass --data-dir", file=sys.stderr)
+        return 2
+    labels = load_labels(data_dir)
+    train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
+    rng = random.Random(args.seed)
+    rng.shuffle(train)
+    sample = rng.sample(test, args.test_sample)
+    teacher = ServerThread(teacher_stand_in(train + test, labels, args.teacher_error_rate, args.seed).app).start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    home = args.out / "home"
+    config = write_config(home, port, teacher.url, args)
+    gateway = start_gateway(config, args.out / "gateway.log", url, timeout_s=900)
+    figures: list[CycleFigures] = []
+    started = time.monotonic()
+    try:
+        figures.append(CycleFigures(0, current_adapter(url), **asyncio.run(measure(url, sample, labels, args.concurrency)),
+                                    retrain_status="-", retrain_wall_s=0.0, train_requests=0))
+        print(write_outputs(args.out, figures), flush=True)
+        for cycle in range(1, args.cycles + 1):
+            chunk = train[(cycle - 1) * args.requests_per_cycle: cycle * args.requests_per_cycle]
+            sent = asyncio.run(simulate_users(url, chunk, labels, args.concurrency))
+            status, wall = run_retrain(config, home / "protege.db", args.out / "retrain.log")
+            figures.append(CycleFigures(cycle, current_adapter(url),
+                                        **asyncio.run(measure(url, sample, labels, args.concurrency)),
+                                        retrain_status=status, retrain_wall_s=wall, train_requests=sent))
+            print(write_outputs(args.out, figures), flush=True)
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+        teacher.stop()
+    print(f"\nteacher: {TEACHER_MODEL} (a stand-in answering the data set's label, error rate "
+          f"{args.teacher_error_rate:.0%}); total wall time {time.monotonic() - started:.0f}s; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
