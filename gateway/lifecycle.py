@@ -50,7 +50,7 @@ def _make_teacher(settings: Settings, overrides: Overrides) -> TeacherBackend | 
 async def build_services(settings: Settings, overrides: Overrides) -> Services:
     from gateway.app import Services
 
-    metrics = Metrics()
+    metrics = Metrics(settings.db_path)
     writer = _make_writer(settings)
     teacher = _make_teacher(settings, overrides)
     pricing = overrides.pricing

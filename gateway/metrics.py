@@ -7,7 +7,12 @@ The fallback rate is one PromQL line (README § Metrics):
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -16,10 +21,57 @@ FALLBACK_RATE_PROMQL = (
 )
 
 
+class RetrainCollector:
+    """Retrain outcomes, read from ``retrain_runs`` at scrape time: the retrain is another process
+    (often a CronJob) with nothing to scrape, and the SQLite log is the one place that knows."""
+
+    def __init__(self, db_path: Path | None) -> None:
+        self.db_path = db_path
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("protege_retrain_last_status",
+                              "1 when the task's latest finished retrain succeeded (promoted, rejected or "
+                              "skipped), 0 when it failed.", labels=["task"]),
+            GaugeMetricFamily("protege_retrain_last_success_timestamp_seconds",
+                              "When the task's latest non-failed retrain finished.", labels=["task"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        status, success = self._families()
+        for task, last_status, last_success in self._read():
+            status.add_metric([task], 0.0 if last_status == "failed" else 1.0)
+            if last_success is not None:
+                success.add_metric([task], float(last_success))
+        yield status
+        yield success
+
+    def _read(self) -> list[tuple[str, str, float | None]]:
+        if self.db_path is None or not Path(self.db_path).exists():
+            return []
+        try:
+            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=1)
+            try:
+                return conn.execute(
+                    "SELECT task,"
+                    " (SELECT status FROM retrain_runs r2 WHERE r2.task = r.task AND r2.finished_at IS NOT NULL"
+                    "  AND r2.status != 'running' ORDER BY r2.finished_at DESC LIMIT 1),"
+                    " MAX(CASE WHEN status IN ('promoted', 'rejected', 'skipped') THEN finished_at END)"
+                    " FROM retrain_runs r GROUP BY task").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return []  # no table yet, or locked for longer than a scrape should wait
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, db_path: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(RetrainCollector(db_path))
         self.requests = Counter(
             "protege_requests",
             "Chat requests accepted, by requested model kind, route taken, reason, adapter and status.",

@@ -214,9 +214,25 @@ class ChatService:
         if self.teacher is None:
             raise BackendUnavailable("no teacher is configured (settings: teacher.model)", backend="teacher",
                                      code="teacher_not_configured")
-        body = await self.teacher.complete(self._payload(request))
+        try:
+            body = await self.teacher.complete(self._payload(request))
+        except BackendError as exc:
+            self._count_teacher(exc)
+            raise
+        self._count_teacher(None)
         body["model"] = "teacher"
         return body
+
+    def _count_teacher(self, error: BackendError | None) -> None:
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, BackendTimeout):
+            outcome = "timeout"
+        elif error.code == "teacher_cooldown":
+            outcome = "cooldown"
+        else:
+            outcome = "error"
+        self.metrics.teacher_calls.labels(outcome).inc()
 
     def _offer_shadow(self, request: ChatRequest, record: CallRecord) -> None:
         if self.shadow is not None and self.teacher is not None:
@@ -274,8 +290,14 @@ class ChatService:
         if self.teacher is None:
             raise BackendUnavailable("no teacher is configured (settings: teacher.model)", backend="teacher",
                                      code="teacher_not_configured")
-        stream = self.teacher.stream(self._payload(request))
-        return _Primed(stream, "teacher"), stack
+        primed = _Primed(self.teacher.stream(self._payload(request)), "teacher")
+        try:
+            await primed.prime()
+        except BackendError as exc:
+            self._count_teacher(exc)
+            raise
+        self._count_teacher(None)
+        return primed, stack
 
     async def _open_student_stream(self, request: ChatRequest, decision: RouteDecision, record: CallRecord,
                                    stack: contextlib.AsyncExitStack) -> AsyncIterator[dict[str, Any]]:

@@ -290,3 +290,17 @@ def test_output_failing_the_json_schema_is_escalated(client_factory, fake_studen
     assert response.headers["x-protege-route"] == "teacher; reason=invalid_output"
     [row] = rows(client, settings)
     assert row["draft"] == '{"intent": "made_up"}'
+
+
+def test_teacher_calls_are_counted_by_outcome(client_factory, fake_teacher) -> None:
+    client, _ = client_factory()
+    fake_teacher.enqueue(completion("ok"), BackendTimeout("slow", backend="teacher"),
+                         BackendUnavailable("cool", backend="teacher", code="teacher_cooldown"), chunks_for("x y"))
+    for _ in range(3):
+        client.post("/v1/chat/completions", json={"model": "teacher", "messages": MESSAGES})
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"model": "teacher", "messages": MESSAGES, "stream": True}) as response:
+        response.read()
+    metrics = client.get("/metrics").text
+    for outcome, count in (("ok", 2.0), ("timeout", 1.0), ("cooldown", 1.0)):
+        assert f'protege_teacher_calls_total{{outcome="{outcome}"}} {count}' in metrics

@@ -100,3 +100,19 @@ def test_upsert_replaces_by_key(writer, tmp_path) -> None:  # noqa: ANN001
     conn = sqlite3.connect(tmp_path / "log.db")
     assert conn.execute("select status from requests").fetchall() == [("error",)]
     conn.close()
+
+
+def test_retrain_outcomes_are_metrics_read_at_scrape_time(tmp_path) -> None:  # noqa: ANN001
+    from gateway.metrics import Metrics
+
+    db = open_database(tmp_path / "log.db")
+    runs = [("a", "t1", 100.0, "promoted"), ("b", "t1", 200.0, "failed"), ("c", "t2", 150.0, "skipped")]
+    for run_id, task, finished, status in runs:
+        db.conn.execute("INSERT INTO retrain_runs (id, task, started_at, finished_at, status) VALUES (?, ?, ?, ?, ?)",
+                        (run_id, task, finished - 10, finished, status))
+    db.conn.close()
+    text = Metrics(tmp_path / "log.db").render().decode()
+    assert 'protege_retrain_last_status{task="t1"} 0.0' in text  # latest t1 run failed
+    assert 'protege_retrain_last_status{task="t2"} 1.0' in text
+    assert 'protege_retrain_last_success_timestamp_seconds{task="t1"} 100.0' in text
+    assert "protege_retrain_last_status" in Metrics(None).render().decode()  # described even with no log
