@@ -236,5 +236,8 @@ def _write_batch(db: sqlite_utils.Database, batch: list[Write]) -> None:
             conn.execute(sql, [write.row[c] for c in columns])
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A failed COMMIT (disk full, I/O error) may already have rolled back: a second ROLLBACK
+        # would raise "no transaction is active" and hide the real error.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise

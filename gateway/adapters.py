@@ -106,6 +106,13 @@ class AliasChange:
 
 
 @dataclass(frozen=True)
+class Alias:
+    task: str
+    tenant: str | None  # None: every caller
+    version: str
+
+
+@dataclass(frozen=True)
 class AdapterStatus:
     version: AdapterVersion
     loaded: bool
@@ -164,6 +171,7 @@ class AdapterRegistry:
         probe: bool = True,
         metrics: AdapterMetricsHook | None = None,
         make_identity: IdentityMaker | None = None,
+        default_task: str | None = None,
     ) -> None:
         """``student_client``: an httpx client whose base_url is the student's OpenAI base
         (``http://host:port/v1``) with its auth header; the registry does not close it."""
@@ -175,6 +183,9 @@ class AdapterRegistry:
         self._load_timeout_s = load_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._probe_enabled = probe
+        # The task `auto`/`student` requests are served under: until its first promotion it is
+        # answered by base@v0, while its traffic is still logged (and trained on) as that task.
+        self._default_task = default_task
         self._metrics = metrics
         self._make_identity = make_identity or (
             lambda base, out, rank: identity_via_trainer(sys.executable, base, out, rank))
@@ -205,6 +216,7 @@ class AdapterRegistry:
             metrics=metrics,
             # The trainer needs peft/torch: the interpreter that has vLLM has them too.
             make_identity=lambda base, out, rank: identity_via_trainer(python, base, out, rank),
+            default_task=student.default_adapter,
         )
 
     async def close(self) -> None:
@@ -226,6 +238,8 @@ class AdapterRegistry:
         if caller:
             version = self._aliases.get((alias, caller))
         version = version or self._aliases.get((alias, ALL_TENANTS))
+        if version is None and alias == self._default_task:
+            version = self._aliases.get((BASE_TASK, ALL_TENANTS))
         if version is None:
             raise ModelNotFound(f"no adapter {alias!r} has been promoted", param="model")
         return alias, version
@@ -326,9 +340,8 @@ class AdapterRegistry:
         log.info("rolled %s back to %s (was %s)", alias_label(task, tenant_key), target, current)
         return AliasChange(task, tenant, target, current)
 
-    def list(self) -> tuple[list[AdapterStatus], list[AliasChange]]:
-        """Every version with its state, and every alias (``previous``: what rollback returns to
-        is not shown here; see the promotion history in SQLite)."""
+    def list(self) -> tuple[list[AdapterStatus], list[Alias]]:
+        """Every version with its state, and every alias."""
         pointing: dict[str, list[str]] = {}
         for (task, tenant), version in sorted(self._aliases.items()):
             pointing.setdefault(version, []).append(alias_label(task, tenant))
@@ -337,8 +350,7 @@ class AdapterRegistry:
                           pointing.get(record.name, []))
             for record in sorted(self._versions.values(), key=lambda r: (r.task, r.version))
         ]
-        aliases = [AliasChange(task, tenant or None, version, None, changed=False)
-                   for (task, tenant), version in sorted(self._aliases.items())]
+        aliases = [Alias(task, tenant or None, version) for (task, tenant), version in sorted(self._aliases.items())]
         return versions, aliases
 
     async def reload_all(self) -> list[str]:
@@ -521,7 +533,7 @@ class AdapterRegistry:
         while True:
             remaining = deadline - time.monotonic()
             if self.in_flight(version) and remaining > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._idle_event(version).wait(), remaining)
                 continue
             async with self._vllm_lock:

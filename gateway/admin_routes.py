@@ -8,10 +8,11 @@
 Errors are the registry's ProtegeErrors; the app's one handler renders them.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see the route signatures' real
+# types, and the registry dependency is an alias local to the factory.
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,9 +69,10 @@ def build_admin_router(
     """``get_registry`` and ``require_admin`` are FastAPI dependencies (they may take the
     ``Request``); ``require_admin`` raises Unauthorized/Forbidden."""
     router = APIRouter(prefix="/admin/adapters", dependencies=[Depends(require_admin)])
+    Registry = Annotated[AdapterRegistry, Depends(get_registry)]
 
     @router.get("")
-    async def list_adapters(registry: AdapterRegistry = Depends(get_registry)) -> dict[str, Any]:
+    async def list_adapters(registry: Registry) -> dict[str, Any]:
         versions, aliases = registry.list()
         return {
             "object": "list",
@@ -79,17 +81,15 @@ def build_admin_router(
         }
 
     @router.post("/load")
-    async def load_adapter(body: LoadBody, registry: AdapterRegistry = Depends(get_registry)) -> dict[str, Any]:
+    async def load_adapter(body: LoadBody, registry: Registry) -> dict[str, Any]:
         return render_version(await registry.register(body.task, body.path))
 
     @router.post("/promote")
-    async def promote_adapter(body: PromoteBody,
-                              registry: AdapterRegistry = Depends(get_registry)) -> dict[str, Any]:
+    async def promote_adapter(body: PromoteBody, registry: Registry) -> dict[str, Any]:
         return render_change(await registry.promote(body.task, body.version, body.tenant))
 
     @router.post("/rollback")
-    async def rollback_adapter(body: RollbackBody,
-                               registry: AdapterRegistry = Depends(get_registry)) -> dict[str, Any]:
+    async def rollback_adapter(body: RollbackBody, registry: Registry) -> dict[str, Any]:
         return render_change(await registry.rollback(body.task, body.tenant))
 
     return router

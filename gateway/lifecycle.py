@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from feedback.shadow import ShadowSampler, cost_from_usage
 from feedback.store import LogWriter
+from gateway.adapters import AdapterRegistry
 from gateway.auth import Authenticator
+from gateway.errors import ProtegeError
 from gateway.backends import StudentBackend, TeacherBackend, teacher_pricing
 from gateway.metrics import Metrics
 from gateway.service import ChatService, StaticAdapters
 from gateway.settings import Settings
+from gateway.vllm_server import VllmSupervisor
 from router.base import build_router
 
 if TYPE_CHECKING:
@@ -56,14 +64,10 @@ async def build_services(settings: Settings, overrides: Overrides) -> Services:
     pricing = overrides.pricing
     if pricing is None and settings.teacher.model:
         pricing = teacher_pricing(settings.teacher)
-    student = overrides.student
-    closers = []
-    if student is None and settings.student.url:
-        student = StudentBackend(settings.student, settings.student.url)
-        closers.append(student.aclose)
+    closers: list[Callable[[], Awaitable[object]]] = []
     if teacher is not None and overrides.teacher is None:
         closers.append(teacher.aclose)
-    adapters = overrides.adapters or StaticAdapters(settings.student.served_model_name)
+    student, adapters = await _student_side(settings, overrides, metrics, closers)
     breaker = getattr(teacher, "breaker", None)
     teacher_allows = breaker.allow if breaker is not None else None
     shadow = None
@@ -97,6 +101,63 @@ async def build_services(settings: Settings, overrides: Overrides) -> Services:
         adapters=adapters,
         closers=closers,
     )
+
+
+async def _student_side(settings: Settings, overrides: Overrides, metrics: Metrics,
+                        closers: list[Callable[[], Awaitable[object]]]) -> tuple[Any, Any]:
+    """The student backend and the adapter resolver: overrides (tests), an external server, or a
+    vLLM this process starts and supervises (the default)."""
+    if overrides.student is not None:
+        static = StaticAdapters(settings.student.served_model_name, settings.student.default_adapter)
+        return overrides.student, overrides.adapters or static
+    cfg = settings.student
+    if not settings.manages_adapters:
+        if cfg.url is None:
+            raise ValueError("student.adapter_registry=false needs an external student.url")
+        student = StudentBackend(cfg, cfg.url)
+        closers.append(student.aclose)
+        return student, StaticAdapters(cfg.served_model_name, cfg.default_adapter)
+    supervisor = None if cfg.url else VllmSupervisor(settings, on_ready=lambda: registry.reload_all())
+    base_url = cfg.url or supervisor.base_url  # type: ignore[union-attr]
+    student = StudentBackend(cfg, base_url)
+    # The registry's admin calls (load/unload) are rare: a plain httpx client is fine there.
+    headers = {"authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
+    admin_client = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=cfg.adapter_load_timeout_s)
+    registry = AdapterRegistry.from_settings(settings, admin_client, metrics)
+    closers.extend([admin_client.aclose, student.aclose, registry.close])
+    if supervisor is not None:
+        await supervisor.start()
+        closers.append(supervisor.stop)
+        await registry.ensure_base()  # builds base@v0 (first run only) while vLLM boots
+        await supervisor.wait_ready(cfg.vllm_start_timeout_s)
+    else:
+        closers.append(_background(_attach_external(student, registry)))
+    return student, registry
+
+
+async def _attach_external(student: StudentBackend, registry: AdapterRegistry) -> None:
+    """An external student may start after the gateway: wait for it, then load the adapters."""
+    delay = 1.0
+    while True:
+        if await student.ready():
+            try:
+                await registry.reload_all()
+                return
+            except ProtegeError as exc:
+                log.error("cannot load adapters on the external student yet: %s", exc.message)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+def _background(coro: Awaitable[None]) -> Callable[[], Awaitable[object]]:
+    task = asyncio.ensure_future(coro)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return cancel
 
 
 async def close_services(services: Services) -> None:

@@ -6,8 +6,9 @@ the log and the metrics can never disagree about a request.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,12 @@ from router.types import FALLBACK_REASONS
 
 
 def new_request_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    """``chatcmpl-`` and a random UUID4 in hex: what ``uuid.uuid4().hex`` gives, without building a
+    ``UUID`` object (3 of the 4 µs it takes)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return "chatcmpl-" + raw.hex()
 
 
 @dataclass
@@ -114,29 +120,56 @@ def finish(record: CallRecord, writer: LogWriter, metrics: Metrics, pricing: Pri
     _observe(record, metrics, latency_s, cost, avoided)
 
 
+class _Children(dict):  # type: ignore[type-arg]
+    """Label children of one ``Metrics``, by (metric attribute, *label values).
+
+    prometheus_client's ``labels()`` checks and ``str()``s every value and takes a lock on each
+    call: about 2 µs, up to seven times a request. Children are never removed, so each
+    combination is looked up there once and then served from this dict.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = weakref.ref(metrics)  # weak: the cache must not keep its key alive
+
+    def __missing__(self, key: tuple[str, ...]) -> Any:
+        child = self[key] = getattr(self._metrics(), key[0]).labels(*key[1:])
+        return child
+
+
+_CHILDREN: weakref.WeakKeyDictionary[Metrics, _Children] = weakref.WeakKeyDictionary()
+
+
+def _children(metrics: Metrics) -> _Children:
+    children = _CHILDREN.get(metrics)
+    if children is None:
+        children = _CHILDREN[metrics] = _Children(metrics)
+    return children
+
+
 def _observe(record: CallRecord, metrics: Metrics, latency_s: float, cost: float | None,
              avoided: float | None) -> None:
     route = record.route
-    metrics.requests.labels(record.requested_kind, route, record.reason, record.adapter or "",
-                            record.status).inc()
+    child = _children(metrics)
+    child["requests", record.requested_kind, route, record.reason, record.adapter or "", record.status].inc()
     if record.requested_kind == "auto":
         metrics.auto_requests.inc()
         if record.reason in FALLBACK_REASONS:
-            metrics.fallbacks.labels(record.reason).inc()
-    metrics.latency.labels(route).observe(latency_s)
+            child["fallbacks", record.reason].inc()
+    child["latency", route].observe(latency_s)
     if record.ttft_s is not None:
-        metrics.ttft.labels(route).observe(record.ttft_s)
+        child["ttft", route].observe(record.ttft_s)
     if record.prompt_tokens:
-        metrics.tokens.labels(route, "prompt").inc(record.prompt_tokens)
+        child["tokens", route, "prompt"].inc(record.prompt_tokens)
     if record.completion_tokens:
-        metrics.tokens.labels(route, "completion").inc(record.completion_tokens)
+        child["tokens", route, "completion"].inc(record.completion_tokens)
     if cost:
-        metrics.cost.labels(route).inc(cost)
+        child["cost", route].inc(cost)
     if avoided:
         metrics.teacher_cost_avoided.inc(avoided)
     if route == "student" and record.adapter:
         version = record.adapter_version or ""
-        metrics.adapter_requests.labels(record.adapter, version, record.status).inc()
-        metrics.adapter_latency.labels(record.adapter, version).observe(latency_s)
+        child["adapter_requests", record.adapter, version, record.status].inc()
+        child["adapter_latency", record.adapter, version].observe(latency_s)
         if record.completion_tokens:
-            metrics.adapter_tokens.labels(record.adapter, version).inc(record.completion_tokens)
+            child["adapter_tokens", record.adapter, version].inc(record.completion_tokens)

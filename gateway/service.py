@@ -51,12 +51,13 @@ class StaticAdapters:
     """No registry: an alias is served under its own name, ``base`` under the base model's name.
     For external student servers without LoRA management, and for tests."""
 
-    def __init__(self, base_model_name: str) -> None:
+    def __init__(self, base_model_name: str, default_alias: str = "default") -> None:
         self.base_model_name = base_model_name
+        self.base_aliases = frozenset({"base", default_alias})
 
     @contextlib.asynccontextmanager
     async def lease(self, alias: str, caller: str) -> AsyncIterator[AdapterLease]:
-        name = self.base_model_name if alias == "base" else alias
+        name = self.base_model_name if alias in self.base_aliases else alias
         yield AdapterLease(alias, alias, name)
 
 

@@ -64,6 +64,13 @@ class StudentSettings(_Section):
         "http://vllm:8001/v1). Unset: `protege serve` starts and supervises vLLM itself.",
     )
     api_key: SecretStr | None = Field(None, description="Key sent to the student server, if any.")
+    adapter_registry: bool | None = Field(
+        None,
+        description="Manage LoRA adapters on the student server (versioned names, aliases, hot-swap, "
+        "base@v0); needs runtime LoRA loading and the adapters folder visible to vLLM at the same "
+        "path. False: a plain OpenAI-compatible student, the alias is sent as the model name. "
+        "Unset: on for the managed vLLM, off for an external `url`.",
+    )
     model_dir: Path | None = Field(
         None,
         description="Student base model folder (HF format). Unset: the folder `protege model "
@@ -74,7 +81,9 @@ class StudentSettings(_Section):
         30.0, gt=0, description="Time-out of one student call; past it `auto` falls back."
     )
     default_adapter: str = Field(
-        "base", description="Adapter alias used when the request names none (`student`, `auto`)."
+        "default",
+        description="Task (adapter alias) used when the request names none (`student`, `auto`); "
+        "until its first promotion it is served by base@v0. `protege retrain --task default` improves it.",
     )
     vllm_port: int = Field(8001, ge=1, le=65535, description="Port of the managed vLLM server.")
     vllm_max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps loaded at once.")
@@ -310,6 +319,12 @@ class Settings(BaseSettings):
         return self
 
     # Derived paths: one place decides where state lives.
+    @property
+    def manages_adapters(self) -> bool:
+        if self.student.adapter_registry is not None:
+            return self.student.adapter_registry
+        return self.student.url is None
+
     @property
     def db_path(self) -> Path:
         return self.log.db_path or self.home / "protege.db"

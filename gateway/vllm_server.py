@@ -38,6 +38,7 @@ WATCHDOG_INTERVAL_S = 5.0
 WATCHDOG_FAILURES = 3  # consecutive failed health checks before a live but hung vLLM is killed
 STABLE_AFTER_S = 60.0  # a server that ran this long resets the back-off
 LOG_TAIL_BYTES = 4000
+LOG_MAX_BYTES = 50 << 20
 BROKEN_TORCH_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 # Passed through to vLLM: never the gateway's own settings (they hold the admin and teacher keys).
 _SECRET_ENV_PREFIXES = ("PROTEGE_",)
@@ -159,6 +160,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep one previous log (``vllm.log.1``): restarts append, so a crash loop cannot fill the disk."""
+    try:
+        if path.stat().st_size > max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
+
+
 def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
     try:
         with path.open("rb") as handle:
@@ -241,7 +251,7 @@ class VllmSupervisor:
         ready = asyncio.ensure_future(self._ready.wait())
         failed = asyncio.ensure_future(self._failed.wait())
         try:
-            done, _ = await asyncio.wait({ready, failed}, timeout=timeout,
+            await asyncio.wait({ready, failed}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
@@ -282,7 +292,12 @@ class VllmSupervisor:
         ever_ready = False
         while not self._stopping:
             started = time.monotonic()
-            proc = await self._spawn()
+            try:
+                proc = await self._spawn()
+            except OSError as exc:  # no such interpreter, not executable: retrying will not help
+                self._fail_first_start(f"cannot start vLLM ({' '.join(self._command[:3])}): {exc}")
+                log.error("cannot start vLLM: %s", exc)
+                return
             ready_at = await self._wait_healthy(proc)
             if ready_at is not None:
                 ever_ready = await self._after_start(ever_ready) or ever_ready
@@ -308,7 +323,7 @@ class VllmSupervisor:
         (the gateway cannot serve); on a restart it is logged and the server kept."""
         try:
             await self._on_ready()
-        except Exception as exc:  # noqa: BLE001 - any failure of the hook is reported, not fatal here
+        except Exception as exc:  # any failure of the hook is reported, not fatal here
             log.exception("vLLM is up but on_ready failed")
             if not ever_ready:
                 self._fail_first_start(f"vLLM is up but preparing it failed: {exc}")
@@ -332,6 +347,7 @@ class VllmSupervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         log.info("starting vLLM: %s", " ".join(self._command))
+        rotate_log(self._log_path)
         with self._log_path.open("ab") as log_file:
             # The child keeps its own copy of the descriptor; ours can close at once.
             proc = await asyncio.create_subprocess_exec(
@@ -355,7 +371,7 @@ class VllmSupervisor:
                 return None
             if await self._health(timeout=2.0):
                 return time.monotonic()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), HEALTH_INTERVAL_S)
         log.error("vLLM did not become healthy within %.0fs", self._student.vllm_start_timeout_s)
         return None
@@ -364,7 +380,7 @@ class VllmSupervisor:
         """Return when the process exits, or when it stopped answering health checks."""
         failures = 0
         while failures < WATCHDOG_FAILURES:
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), WATCHDOG_INTERVAL_S)
                 return
             failures = 0 if await self._health(timeout=10.0) else failures + 1
@@ -387,7 +403,7 @@ class VllmSupervisor:
             _signal_group(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self._student.vllm_stop_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("vLLM ignored SIGTERM for %.0fs: killing it", self._student.vllm_stop_timeout_s)
         # Workers (EngineCore) may outlive the server process: kill what is left of the group.
         _signal_group(proc.pid, signal.SIGKILL)

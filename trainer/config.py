@@ -52,9 +52,10 @@ class SFTRunConfig:
     max_length: int = field(default=512, metadata=_help(
         "Rows whose tokenised prompt+completion is longer are dropped (never truncated: a cut "
         "completion would teach the model to stop mid-answer)."))
-    padding_free: bool = field(default=True, metadata=_help(
-        "Concatenate a batch into one row with per-example positions (block-diagonal attention) "
-        "instead of padding. False: length-grouped padded batches."))
+    padding_free: bool = field(default=False, metadata=_help(
+        "Concatenate a batch into one row with per-example positions (block-diagonal attention). "
+        "False: length-grouped padded batches, which waste almost nothing on padding and on CPU "
+        "avoid the (batch tokens)^2 attention mask; measured in docs/trainer.md."))
     threads: int | None = field(default=None, metadata=_help(
         "torch intra-op threads; None: the CPU cores this process may use."))
     seed: int = field(default=0, metadata=_help("Seed of the shuffle and the LoRA initialisation."))
@@ -85,5 +86,6 @@ class TrainResult:
     seconds: float  # wall time of the training loop only (not loading or tokenising)
     examples_per_s: float
     tokens: int  # non-padding tokens through the model
+    cpu_seconds: float  # CPU time of this process during the training loop (all threads)
     peak_rss_bytes: int  # peak resident memory of this process so far (ru_maxrss)
     final_loss: float

@@ -28,7 +28,7 @@ def main() -> None:
     (state / f"child.{child.pid}").write_text(str(child.pid))
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if mode == "hang" and (state / "hang").exists():
                 time.sleep(60)
             self.send_response(200 if self.path == "/health" else 404)

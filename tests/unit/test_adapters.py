@@ -23,7 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway import adapter_files as files
 from gateway.adapters import BASE_VERSION, AdapterRegistry
-from gateway.adapters_cli import AdminCallFailed, AdminClient, format_change, format_list, run
+from gateway.adapters_cli import (
+    AdminCallFailed,
+    AdminClient,
+    format_change,
+    format_list,
+    run,
+)
 from gateway.admin_routes import build_admin_router
 from gateway.errors import (
     AdapterError,
@@ -209,7 +215,7 @@ async def _registered(env: Env, task: str = "support", count: int = 2) -> Adapte
 def test_reload_all_builds_registers_promotes_and_loads_base(env: Env) -> None:
     async def scenario() -> None:
         registry = await env.ready()
-        versions, aliases = registry.list()
+        versions, _ = registry.list()
         assert [s.version.name for s in versions] == [BASE_VERSION]
         assert versions[0].loaded and versions[0].aliases == ["base"]
         assert env.vllm.loaded[BASE_VERSION] == str(env.adapters_dir.resolve() / "versions" / "base" / "v0")
@@ -426,7 +432,7 @@ def test_promote_flips_at_once_and_unloads_the_old_version_after_its_requests(en
 def test_drain_gives_up_after_the_timeout(env: Env) -> None:
     async def scenario() -> None:
         registry = env.registry()
-        registry._drain_timeout_s = 0.1  # noqa: SLF001 - a short drain for the test
+        registry._drain_timeout_s = 0.1
         await registry.reload_all()
         for i in range(2):
             await registry.register("support", env.adapter(f"s{i}"))

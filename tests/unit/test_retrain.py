@@ -57,7 +57,7 @@ def fake_trainer(calls: list[Any]):  # noqa: ANN201
         calls.append((len(rows), init))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "adapter_config.json").write_text("{}")
-        return TrainResult(out_dir, len(rows), 1.0, float(len(rows)), 10, 1, 0.5)
+        return TrainResult(out_dir, len(rows), 1.0, float(len(rows)), 10, 1.0, 1, 0.5)
 
     return train
 

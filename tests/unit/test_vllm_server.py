@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ class Harness:
         return [int(p.read_text()) for p in self.state.glob("child.*")]
 
 
-async def _until(predicate, timeout: float = 20.0) -> None:  # noqa: ANN001
+async def _until(predicate, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
@@ -144,7 +145,11 @@ def test_crash_restarts_and_on_ready_runs_again_then_stop_kills_the_group(tmp_pa
         assert not supervisor.ready and supervisor.pid is None
 
     asyncio.run(scenario())
-    assert harness.children() and not any(_alive(pid) for pid in harness.children())
+    assert harness.children()
+    deadline = time.monotonic() + 10  # SIGKILL is delivered at once, dying takes a moment on a busy box
+    while any(_alive(pid) for pid in harness.children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in harness.children())
     assert "--served-model-name" not in (harness.settings.home / "logs" / "vllm.log").read_text()
 
 
@@ -167,7 +172,7 @@ def test_failing_on_ready_on_first_start_fails_wait_ready(tmp_path: Path) -> Non
     async def broken() -> None:
         raise RuntimeError("no base adapter")
 
-    harness.supervisor._on_ready = broken  # noqa: SLF001 - inject the failing hook
+    harness.supervisor._on_ready = broken
 
     async def scenario() -> None:
         await harness.supervisor.start()
@@ -182,10 +187,10 @@ def test_a_hung_server_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(vllm_server, "WATCHDOG_INTERVAL_S", 0.1)
     harness = Harness(tmp_path, "hang")
 
-    async def short_health(timeout: float, original=harness.supervisor._health) -> bool:  # noqa: ANN001, SLF001
+    async def short_health(timeout: float, original=harness.supervisor._health) -> bool:
         return await original(min(timeout, 0.3))
 
-    harness.supervisor._health = short_health  # noqa: SLF001 - keep the test fast
+    harness.supervisor._health = short_health
 
     async def scenario() -> None:
         await harness.supervisor.start()
@@ -197,6 +202,29 @@ def test_a_hung_server_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
         await harness.supervisor.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_missing_interpreter_fails_wait_ready_at_once(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+
+    async def on_ready() -> None:
+        pass
+
+    async def scenario() -> None:
+        supervisor = VllmSupervisor(settings, on_ready, command=[str(tmp_path / "no-python"), "-m", "vllm"])
+        await supervisor.start()
+        with pytest.raises(BackendUnavailable, match="cannot start vLLM"):
+            await supervisor.wait_ready(20)
+        await supervisor.stop()
+
+    asyncio.run(scenario())
+
+
+def test_log_is_rotated_past_its_cap(tmp_path: Path) -> None:
+    log_file = tmp_path / "vllm.log"
+    log_file.write_bytes(b"x" * 100)
+    vllm_server.rotate_log(log_file, max_bytes=10)
+    assert not log_file.exists() and (tmp_path / "vllm.log.1").stat().st_size == 100
 
 
 def test_port_in_use_is_refused_up_front(tmp_path: Path) -> None:
