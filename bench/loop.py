@@ -44,6 +44,7 @@ from bench.banking77 import (
     teacher_stand_in,
 )
 from bench.mock_openai import ServerThread, free_port
+from gateway.settings import load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK = "banking77"
@@ -74,7 +75,9 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
         "home": str(home),
         "server": {"port": port, "max_concurrency": 64},
         "auth": {"api_keys": {**USER_KEYS, EVAL_KEY_ID: EVAL_KEY}, "admin_key": ADMIN_KEY},
-        "student": {"default_adapter": TASK, "timeout_s": 120},
+        # The base folder `protege serve` prepares under ~/.protege, shared across runs.
+        "student": {"default_adapter": TASK, "timeout_s": 120,
+                    "model_dir": str(args.model_dir or load_settings(environ={}).student_model_dir)},
         "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
                     "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},
         "router": {"min_confidence": args.min_confidence},
@@ -239,6 +242,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="Prepared student base folder (default: the one `protege serve` prepares in ~/.protege).")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: 48 requests, one cycle, 16 test rows.")
     args = parser.parse_args(argv)
     if args.quick:

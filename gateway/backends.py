@@ -267,7 +267,8 @@ class TeacherBackend:
 
     def _call_args(self, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
         args = {key: value for key, value in payload.items() if key in TEACHER_PARAMS}
-        extra = {key: value for key, value in payload.items() if key not in TEACHER_PARAMS and key not in ("model", "stream")}
+        extra = {key: value for key, value in payload.items()
+                 if key not in TEACHER_PARAMS and key not in ("model", "stream")}
         if extra:
             args["extra_body"] = extra
         args.update(model=self.model, stream=stream, timeout=self.settings.timeout_s, num_retries=0, max_retries=0)
@@ -279,7 +280,8 @@ class TeacherBackend:
 
     def _translate(self, exc: Exception) -> BackendError:
         status = getattr(exc, "status_code", None)
-        message = redact(f"teacher failed: {exc.__class__.__name__}: {_first_line(str(exc))}", self.settings.api_key)
+        message = redact(f"teacher failed: {exc.__class__.__name__}: {_first_line(str(exc))}",
+                         self.settings.api_key)
         if isinstance(exc, (asyncio.TimeoutError, self._litellm.exceptions.Timeout)):
             return BackendTimeout(f"teacher timed out after {self.settings.timeout_s}s", backend="teacher",
                                   upstream_status=408)

