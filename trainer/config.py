@@ -56,6 +56,9 @@ class SFTRunConfig:
         "Concatenate a batch into one row with per-example positions (block-diagonal attention). "
         "False: length-grouped padded batches, which waste almost nothing on padding and on CPU "
         "avoid the (batch tokens)^2 attention mask; measured in docs/trainer.md."))
+    share_prefix: bool = field(default=True, metadata=_help(
+        "Run the tokens that all rows of a batch begin with (the system prompt, typically) once "
+        "per batch, as a KV cache, instead of once per row. Exact; padded batches only."))
     threads: int | None = field(default=None, metadata=_help(
         "torch intra-op threads; None: the CPU cores this process may use."))
     seed: int = field(default=0, metadata=_help("Seed of the shuffle and the LoRA initialisation."))

@@ -16,6 +16,7 @@ Everything else (tokenisation, labels, collation, optimiser, schedule) is stock 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Row = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -105,24 +107,54 @@ def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model  # type: ignore[return-value]
 
 
+def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """Leading positions that every row of a padded batch shares and that predict no label.
+
+    Typically the system prompt: it can then run once per batch instead of once per row.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    common = int(same.long().cumprod(dim=0).sum())
+    first_scored = int((labels != -100).long().argmax(dim=1).min())
+    # the hidden state at first_scored - 1 predicts the first label: it must be in the suffix
+    return max(0, min(common, first_scored - 1))
+
+
+def _hidden_states(backbone: torch.nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   prefix: int) -> torch.Tensor:
+    """Last hidden states from position ``prefix`` on; the shared prefix runs once, as a KV cache
+    repeated over the batch (gradients flow back through it into the prefix's LoRA weights)."""
+    if prefix == 0:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False).last_hidden_state
+    cache = backbone(input_ids=input_ids[:1, :prefix], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    return backbone(input_ids=input_ids[:, prefix:], attention_mask=attention_mask,
+                    past_key_values=cache, use_cache=True).last_hidden_state
+
+
 def completion_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None,
-                   num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+                   num_items: int | torch.Tensor | None = None,
+                   share_prefix: bool = False) -> torch.Tensor:
     """Mean next-token NLL over the positions whose label is not -100.
 
     Equals ``cross_entropy(model(...).logits[:, :-1], labels[:, 1:], ignore_index=-100)`` but
     applies the lm_head only at the scored positions: with a few completion tokens per row, the
     full (tokens x 49k) logits are most of the step's time and memory. ``num_items`` overrides the
     divisor (transformers passes the batch's token count for gradient accumulation).
+    ``share_prefix`` runs the rows' common leading tokens once (padded batches only).
     """
     import torch.nn.functional as F
 
     causal_lm = _causal_lm(model)
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
+    prefix = shared_prefix_length(input_ids, labels) if share_prefix and position_ids is None else 0
+    hidden = _hidden_states(backbone, input_ids, attention_mask, position_ids, prefix)
+    targets = labels[:, prefix + 1:]
     scored = targets != -100
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][scored])
     total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
@@ -155,6 +187,7 @@ def _trainer_classes() -> tuple[type, type]:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - TRL's signature
             super().__init__(*args, **kwargs)
+            self.share_prefix = False
             self.examples_seen = 0
             self.tokens_seen = 0
             self.recent_losses: list[float] = []
@@ -163,7 +196,8 @@ def _trainer_classes() -> tuple[type, type]:
             loss = completion_nll(model, inputs["input_ids"], inputs["labels"],
                                   attention_mask=inputs.get("attention_mask"),
                                   position_ids=inputs.get("position_ids"),
-                                  num_items=num_items_in_batch)
+                                  num_items=num_items_in_batch,
+                                  share_prefix=self.share_prefix)
             if model.training:
                 examples, tokens = _batch_stats(inputs)
                 self.examples_seen += examples
@@ -186,6 +220,18 @@ def _trainer_classes() -> tuple[type, type]:
                 control.should_training_stop = True
 
     return CompletionOnlySFTTrainer, TimeBudget
+
+
+def _quiet_logging(trainer: Any) -> None:  # noqa: ANN401 - a transformers Trainer
+    """Send the Trainer's log lines to our logger instead of print() on stdout."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class ToLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            log.info("step %d: %s", state.global_step, logs)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ToLogger())
 
 
 def sft_arguments(config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN401 - trl.SFTConfig
@@ -219,7 +265,7 @@ def sft_arguments(config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN4
     )
 
 
-def _load_for_training(base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_for_training(base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,6 +274,41 @@ def _load_for_training(base_dir: Path) -> tuple[PreTrainedModel, PreTrainedToken
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
     return model, tokenizer
+
+
+def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     rows: Sequence[Row], config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN401
+    """The configured TRL trainer for an already LoRA-wrapped ``model`` (see ``train_sft``)."""
+    dataset, dropped = build_dataset(tokenizer, rows, config.max_length)
+    if dropped:
+        log.warning("dropped %d of %d rows longer than %d tokens", dropped, len(rows),
+                    config.max_length)
+    trainer_cls, budget_cls = _trainer_classes()
+    trainer = trainer_cls(model=model, args=sft_arguments(config, scratch_dir),
+                          train_dataset=dataset, processing_class=tokenizer)
+    trainer.share_prefix = config.share_prefix
+    _quiet_logging(trainer)
+    if config.time_budget_s is not None:
+        trainer.add_callback(budget_cls(config.time_budget_s))
+    return trainer
+
+
+def run_trainer(trainer: Any, out_dir: Path) -> TrainResult:  # noqa: ANN401
+    """Run ``trainer.train()`` and measure it; saving is the caller's."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    trainer.train()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    losses = trainer.recent_losses
+    return TrainResult(
+        out_dir=out_dir,
+        examples=trainer.examples_seen,
+        seconds=seconds,
+        examples_per_s=trainer.examples_seen / seconds if seconds > 0 else 0.0,
+        tokens=trainer.tokens_seen,
+        cpu_seconds=cpu,
+        peak_rss_bytes=peak_rss_bytes(),
+        final_loss=sum(losses) / len(losses) if losses else math.nan,
+    )
 
 
 def train_sft(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: SFTRunConfig,
@@ -242,33 +323,13 @@ def train_sft(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: SFTRun
 
     set_threads(config.threads)
     set_seed(config.seed)
-    model, tokenizer = _load_for_training(Path(base_dir))
-    dataset, _dropped = build_dataset(tokenizer, rows, config.max_length)
+    model, tokenizer = load_for_training(Path(base_dir))
     peft_model = attach_lora(model, config.lora, init_adapter)
-    trainer_cls, budget_cls = _trainer_classes()
     with tempfile.TemporaryDirectory(prefix="protege-sft-") as scratch:
-        trainer = trainer_cls(model=peft_model, args=sft_arguments(config, Path(scratch)),
-                              train_dataset=dataset, processing_class=tokenizer)
-        if config.time_budget_s is not None:
-            trainer.add_callback(budget_cls(config.time_budget_s))
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
+        trainer = make_sft_trainer(peft_model, tokenizer, rows, config, Path(scratch))
+        result = run_trainer(trainer, Path(out_dir))
     save_adapter(peft_model, Path(out_dir), Path(base_dir))
-    return _result(Path(out_dir), trainer, seconds)
-
-
-def _result(out_dir: Path, trainer: Any, seconds: float) -> TrainResult:  # noqa: ANN401
-    losses = trainer.recent_losses
-    return TrainResult(
-        out_dir=out_dir,
-        examples=trainer.examples_seen,
-        seconds=seconds,
-        examples_per_s=trainer.examples_seen / seconds if seconds > 0 else 0.0,
-        tokens=trainer.tokens_seen,
-        peak_rss_bytes=peak_rss_bytes(),
-        final_loss=sum(losses) / len(losses) if losses else math.nan,
-    )
+    return result
 
 
 # --- evaluation (benchmark only; production evaluates through vLLM) ----------------------------
@@ -296,14 +357,20 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def label_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   rows: Sequence[Row], labels: Sequence[str]) -> float:
-    """Share of rows whose greedy answer, stripped, equals the expected label."""
+                   rows: Sequence[Row], labels: Sequence[str],
+                   max_new_tokens: int | None = None) -> float:
+    """Share of rows whose greedy answer, stripped, equals the expected label.
+
+    Generation stops at the longest label's length plus two (end of turn) unless told otherwise.
+    """
     if len(rows) != len(labels):
         raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
     if not rows:
         raise ValueError("no rows to evaluate")
-    longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-    answers = generate_greedy(model, tokenizer, [row["prompt"] for row in rows], longest + 2)
+    if max_new_tokens is None:
+        max_new_tokens = 2 + max(len(tokenizer(label, add_special_tokens=False)["input_ids"])
+                                 for label in labels)
+    answers = generate_greedy(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens)
     hits = sum(answer.strip() == label for answer, label in zip(answers, labels, strict=True))
     return hits / len(rows)
 
@@ -316,24 +383,25 @@ def evaluate_labels(base_dir: Path, adapter_dir: Path | None, rows: Sequence[Row
     """
     from peft import PeftModel
 
-    model, tokenizer = _load_for_training(Path(base_dir))
+    model, tokenizer = load_for_training(Path(base_dir))
     model.config.use_cache = True
     if adapter_dir is not None:
         check_adapter_dir(Path(adapter_dir))
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        # Merged weights generate faster and give the same greedy answers.
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return label_accuracy(model, tokenizer, rows, labels)
 
 
 # --- DPO ----------------------------------------------------------------------------------------
 
 
-def train_dpo(base_dir: Path, sft_adapter: Path, pairs: Sequence[Row], out_dir: Path,
-              config: DPORunConfig) -> TrainResult:
+def train_dpo(base_dir: Path, pairs: Sequence[Row], out_dir: Path, config: DPORunConfig,
+              sft_adapter: Path) -> TrainResult:
     """Preference-tune an SFT adapter with TRL's DPOTrainer and save the result to ``out_dir``.
 
     ``pairs`` are TRL conversational preference rows: ``{"prompt": [...], "chosen": [assistant
     message], "rejected": [assistant message]}``. The reference policy is the SFT adapter itself
-    (loaded a second time, frozen, as TRL's ``ref`` adapter), never the bare base.
+    (TRL keeps a frozen copy of it as the ``ref`` adapter), never the bare base.
     """
     from datasets import Dataset
     from peft import PeftModel
@@ -343,10 +411,9 @@ def train_dpo(base_dir: Path, sft_adapter: Path, pairs: Sequence[Row], out_dir: 
     check_adapter_dir(Path(sft_adapter))
     set_threads(config.threads)
     set_seed(config.seed)
-    model, tokenizer = _load_for_training(Path(base_dir))
+    model, tokenizer = load_for_training(Path(base_dir))
+    # Given a PeftModel, TRL freezes a copy of its adapter as "ref": the reference is the SFT policy.
     policy = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
-    policy.load_adapter(str(sft_adapter), adapter_name="ref", is_trainable=False)
-    policy.set_adapter("default")
     dataset = Dataset.from_list([dict(pair) for pair in pairs])
     with tempfile.TemporaryDirectory(prefix="protege-dpo-") as scratch:
         args = DPOConfig(
@@ -359,13 +426,16 @@ def train_dpo(base_dir: Path, sft_adapter: Path, pairs: Sequence[Row], out_dir: 
         )
         trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
-        started = time.perf_counter()
+        _quiet_logging(trainer)
+        started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
-        seconds = time.perf_counter() - started
-    policy.delete_adapter("ref")
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    if "ref" in policy.peft_config:
+        policy.delete_adapter("ref")  # save only the trained adapter
     save_adapter(policy, Path(out_dir), Path(base_dir))
     steps = max(int(output.global_step), 1)
     examples = min(steps * config.batch_size, len(pairs) * max(1, math.ceil(config.epochs)))
     return TrainResult(out_dir=Path(out_dir), examples=examples, seconds=seconds,
                        examples_per_s=examples / seconds if seconds > 0 else 0.0, tokens=0,
+                       cpu_seconds=cpu,
                        peak_rss_bytes=peak_rss_bytes(), final_loss=float(output.training_loss))
