@@ -46,7 +46,10 @@ def gateway(engine: Engine) -> Iterator[tuple[ServerThread, Settings, MockOpenAI
         "model_dir": str(engine.settings.student_model_dir), "timeout_s": 120,
         "vllm_max_lora_rank": engine.settings.student.vllm_max_lora_rank,
     }, teacher={"model": "openai/mock", "api_base": f"{teacher_srv.url}/v1", "api_key": "sk-t"},
-        auth={"api_keys": {"e2e": CALLER}, "admin_key": ADMIN})
+        auth={"api_keys": {"e2e": CALLER}, "admin_key": ADMIN},
+        # Only model=auto is reviewed by the cascade: explicit student:... calls (the other tests,
+        # the retrain's evaluation) are untouched. Greedy answers of a 135M model are never this sure.
+        router={"min_confidence": -1e-6})
     server = ServerThread(create_app(settings)).start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # the gateway loads the registry's adapters in the background
@@ -103,6 +106,25 @@ def test_chat_through_the_gateway_with_two_adapters_and_base(engine: Engine, gat
     assert is_caps("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
     ids = {m.id for m in openai_client(server).models.list()}
     assert {"student:e2ecaps", "student:e2ebanana"} <= ids
+
+
+def test_low_confidence_student_answer_is_escalated_with_its_draft_logged(gateway) -> None:  # noqa: ANN001
+    server, settings, teacher = gateway
+    response = openai_client(server).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8)
+    assert response.headers["x-protege-route"] == "teacher; reason=low_confidence"
+    assert response.parse().choices[0].message.content == "teacher answer"
+    request_id = response.headers["x-protege-request-id"]
+    deadline = time.monotonic() + 10
+    row = None
+    while row is None and time.monotonic() < deadline:
+        db = open_database(settings.db_path)
+        row = next(iter(db.query("select * from requests where id = ?", [request_id])), None)
+        db.conn.close()
+        time.sleep(0.1)
+    assert row is not None
+    assert row["draft"] and row["draft"] != "teacher answer"  # the student's own answer, kept for training
+    assert row["answer"] == "teacher answer" and row["confidence"] < -1e-6
 
 
 def _seed_tiny_task(db_path: Path, task: str) -> None:
