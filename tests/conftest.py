@@ -108,6 +108,24 @@ def fake_teacher() -> FakeBackend:
 
 
 @pytest.fixture
+def openai_client():  # noqa: ANN201
+    """``openai_client(base_url, key)`` -> a real openai SDK client, closed after the test
+    (unclosed sockets are ResourceWarnings, and warnings are errors here)."""
+    import openai
+
+    clients: list[openai.OpenAI] = []
+
+    def make(base_url: str, key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
 def mock_upstream() -> Iterator[tuple[MockOpenAI, ServerThread]]:
     mock = MockOpenAI()
     server = ServerThread(mock.app).start()

@@ -11,7 +11,6 @@ whose lora_B is zero, which is exactly the base model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +22,8 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from gateway.adapter_files import sha256_file
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,12 +43,6 @@ class ModelPrepError(RuntimeError):
     """The student's weights could not be found, converted or verified."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _gguf_in_installed_package() -> Path | None:

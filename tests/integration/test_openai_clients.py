@@ -17,7 +17,7 @@ from tests.conftest import make_settings
 
 
 @pytest.fixture
-def stack(tmp_path) -> Iterator[dict]:  # noqa: ANN001
+def stack(tmp_path, openai_client) -> Iterator[dict]:  # noqa: ANN001
     student = MockOpenAI(answer_fn=lambda msgs: "student answer")
     teacher = MockOpenAI(answer_fn=lambda msgs: "teacher answer", model="big-model")
     student_srv = ServerThread(student.app).start()
@@ -31,27 +31,16 @@ def stack(tmp_path) -> Iterator[dict]:  # noqa: ANN001
     )
     gateway = ServerThread(create_app(settings)).start()
     try:
-        yield {"student": student, "teacher": teacher, "gateway": gateway, "settings": settings}
+        yield {"student": student, "teacher": teacher, "gateway": gateway, "settings": settings,
+               "client": openai_client}
     finally:
         gateway.stop()
         student_srv.stop()
         teacher_srv.stop()
 
 
-_open_clients: list[openai.OpenAI] = []
-
-
 def client_for(stack: dict, key: str = "sk-app-1") -> openai.OpenAI:
-    client = openai.OpenAI(base_url=f"{stack['gateway'].url}/v1", api_key=key, max_retries=0)
-    _open_clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _open_clients:
-        _open_clients.pop().close()
+    return stack["client"](f"{stack['gateway'].url}/v1", key)
 
 
 def db_rows(stack: dict) -> list[sqlite3.Row]:

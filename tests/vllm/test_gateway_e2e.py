@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -53,7 +54,7 @@ def gateway(engine: Engine) -> Iterator[tuple[ServerThread, Settings, MockOpenAI
     server = ServerThread(create_app(settings)).start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # the gateway loads the registry's adapters in the background
-        if openai_client(server).with_raw_response.models.list().http_response.status_code == 200:
+        if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
             break
         time.sleep(0.5)
     try:
@@ -63,29 +64,20 @@ def gateway(engine: Engine) -> Iterator[tuple[ServerThread, Settings, MockOpenAI
         teacher_srv.stop()
 
 
-_clients: list[openai.OpenAI] = []
+@pytest.fixture
+def sdk(openai_client, gateway):  # noqa: ANN001, ANN201
+    """The openai SDK pointed at the e2e gateway with the caller key."""
+    server, _, _ = gateway
+    return openai_client(f"{server.url}/v1", CALLER)
 
 
-def openai_client(server: ServerThread, key: str = CALLER) -> openai.OpenAI:
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=300)
-    _clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
-def ask(server: ServerThread, model: str, question: str) -> str:
-    reply = openai_client(server).chat.completions.create(
+def ask(sdk: openai.OpenAI, model: str, question: str) -> str:
+    reply = sdk.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12)
     return reply.choices[0].message.content or ""
 
 
-def test_chat_through_the_gateway_with_two_adapters_and_base(engine: Engine, gateway) -> None:  # noqa: ANN001
+def test_chat_through_the_gateway_with_two_adapters_and_base(engine: Engine, gateway, sdk) -> None:  # noqa: ANN001
     server, _, _ = gateway
     admin = GatewayClient(server.url, ADMIN)
     try:
@@ -96,21 +88,21 @@ def test_chat_through_the_gateway_with_two_adapters_and_base(engine: Engine, gat
     finally:
         admin.close()
     question = "What is the capital of France?"
-    assert is_caps(ask(server, "student:e2ecaps", question))
-    assert is_banana(ask(server, "student:e2ebanana", question))
-    base = ask(server, "student:base@v0", question)
+    assert is_caps(ask(sdk, "student:e2ecaps", question))
+    assert is_banana(ask(sdk, "student:e2ebanana", question))
+    base = ask(sdk, "student:base@v0", question)
     assert not is_caps(base) and not is_banana(base)
-    stream = openai_client(server).chat.completions.create(
+    stream = sdk.chat.completions.create(
         model="student:e2ecaps", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=12,
         stream=True)
     assert is_caps("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
-    ids = {m.id for m in openai_client(server).models.list()}
+    ids = {m.id for m in sdk.models.list()}
     assert {"student:e2ecaps", "student:e2ebanana"} <= ids
 
 
-def test_low_confidence_student_answer_is_escalated_with_its_draft_logged(gateway) -> None:  # noqa: ANN001
+def test_low_confidence_student_answer_is_escalated_with_its_draft_logged(gateway, sdk) -> None:  # noqa: ANN001
     server, settings, teacher = gateway
-    response = openai_client(server).chat.completions.with_raw_response.create(
+    response = sdk.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8)
     assert response.headers["x-protege-route"] == "teacher; reason=low_confidence"
     assert response.parse().choices[0].message.content == "teacher answer"
@@ -155,7 +147,7 @@ def shuffled(train: Any) -> Any:
     return run
 
 
-def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(engine: Engine, gateway) -> None:  # noqa: ANN001
+def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(engine: Engine, gateway, sdk) -> None:  # noqa: ANN001
     from trainer.fast_sft import train_sft
 
     server, settings, _ = gateway
@@ -170,7 +162,7 @@ def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(e
         assert good.metrics["candidate_heldout"]["accuracy"] > good.metrics["current_heldout"]["accuracy"]
         question = [{"role": "system", "content": "Answer with one word: fruit or animal."},
                     {"role": "user", "content": "Item 999: mango. Fruit or animal?"}]
-        served = openai_client(server).chat.completions.create(model=f"student:{task}", messages=question,
+        served = sdk.chat.completions.create(model=f"student:{task}", messages=question,
                                                                temperature=0, max_tokens=8)
         assert served.choices[0].message.content.strip().lower().startswith("fruit")
 
@@ -185,7 +177,7 @@ def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(e
         assert admin.current(task).name == broken.candidate
         change = admin.rollback(task)
         assert change["version"] == good.candidate and admin.current(task).name == good.candidate
-        again = openai_client(server).chat.completions.create(model=f"student:{task}", messages=question,
+        again = sdk.chat.completions.create(model=f"student:{task}", messages=question,
                                                               temperature=0, max_tokens=8)
         assert again.choices[0].message.content == served.choices[0].message.content
     finally:
