@@ -246,6 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Prepared student base folder (default: the one `protege serve` prepares in ~/.protege).")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: 48 requests, one cycle, 16 test rows.")
     args = parser.parse_args(argv)
+    args.out = args.out.absolute()
     if args.quick:
         args.cycles, args.requests_per_cycle, args.test_sample, args.epochs = 1, 48, 16, 1.0
     return args

@@ -315,7 +315,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _expand_home(self) -> Settings:
-        self.home = self.home.expanduser()
+        # Absolute from here on: child processes (vLLM, the trainer) may run in other folders.
+        self.home = self.home.expanduser().absolute()
         return self
 
     # Derived paths: one place decides where state lives.
@@ -327,7 +328,7 @@ class Settings(BaseSettings):
 
     @property
     def db_path(self) -> Path:
-        return self.log.db_path or self.home / "protege.db"
+        return _absolute(self.log.db_path or self.home / "protege.db")
 
     @property
     def model_cache_dir(self) -> Path:
@@ -335,15 +336,15 @@ class Settings(BaseSettings):
 
     @property
     def student_model_dir(self) -> Path:
-        return self.student.model_dir or self.model_cache_dir / "smollm2-135m-instruct"
+        return _absolute(self.student.model_dir or self.model_cache_dir / "smollm2-135m-instruct")
 
     @property
     def adapters_dir(self) -> Path:
-        return self.trainer.adapters_dir or self.home / "adapters"
+        return _absolute(self.trainer.adapters_dir or self.home / "adapters")
 
     @property
     def data_dir(self) -> Path:
-        return self.trainer.data_dir or self.home / "datasets"
+        return _absolute(self.trainer.data_dir or self.home / "datasets")
 
     @classmethod
     def settings_customise_sources(
@@ -355,6 +356,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings)
+
+
+def _absolute(path: Path) -> Path:
+    return path.expanduser().absolute()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
