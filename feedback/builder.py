@@ -476,16 +476,23 @@ def _assemble_files(
     for kind in ("sft", "dpo", "kto"):
         for side in ("train", "eval"):
             rows = [e for e in cleaned[kind] if _side(e, sides) == side]
-            files[f"{kind}.{side}.jsonl"] = _capped(rows, kind, tally)
+            files[f"{kind}.{side}.jsonl"] = _capped(rows, kind, tally, relax_to_file=side == "eval")
     files[REGRESSION_FILE] = _regression_rows(cleaned["regression"], carried, sides, tally)
     for name, rows in files.items():
         files[name] = sorted(rows, key=lambda e: (e.created_at, e.request_id))
     return files
 
 
-def _capped(rows: list[Example], kind: str, tally: _Tally) -> list[Example]:
-    """Each file separately: no caller above the cap in any file the trainer reads."""
-    kept = cap_per_caller(sorted(rows, key=lambda e: e.priority), lambda e: e.caller, tally.effective_cap)
+def _capped(rows: list[Example], kind: str, tally: _Tally, relax_to_file: bool = False) -> list[Example]:
+    """Each file separately: no caller above the cap in any file the trainer reads.
+
+    ``relax_to_file``: the held-out files are small (a tenth of the build) and hold fewer callers
+    than the build; there the cap relaxes to an equal share of the file's own callers, or a build
+    of a few hundred rows would have no held-out rows at all (the gate could not evaluate)."""
+    share = tally.effective_cap
+    if relax_to_file:
+        share = effective_cap(share, len({e.caller for e in rows}))
+    kept = cap_per_caller(sorted(rows, key=lambda e: e.priority), lambda e: e.caller, share)
     tally.drop(kind, "caller_cap", len(rows) - len(kept))
     return kept
 
