@@ -14,8 +14,8 @@ It then checks what the issue asks of a gateway under load:
 * overload: a burst far above ``server.max_concurrency`` is answered at once with 429
   ``overloaded`` for the excess, never queued.
 
-Long form (the issue's): ``python -m bench.load --minutes 10``. The test suite runs a short
-form (``tests/reliability/test_load.py``, ~20 s) because CI time is precious.
+Long form (the issue's): ``python -m bench.load --minutes 10``. The test suite runs the CI
+form (``tests/reliability/test_load.py``: 2 minutes at 25 RPS) because CI time is precious.
 Prints one JSON summary; exit status 1 when a check fails.
 """
 

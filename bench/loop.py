@@ -10,7 +10,11 @@ test split measures student-alone accuracy, whole-system (`auto`) accuracy, teac
 teacher cost avoided and latency. Output: CSV, a markdown table and a PNG plot in `--out`.
 
     python -m bench.loop --quick            # CI smoke run: tiny N, one cycle
-    python -m bench.loop --cycles 3 --requests-per-cycle 3000 --test-sample 400
+    python -m bench.loop --requests-per-cycle 500,1500,2000 --test-sample 300
+
+Cascade thresholds: `router.min_confidence` (default 0.0: every answer of an uncalibrated
+version, base@v0 included, goes to the teacher) until a retrain promotes a version and
+calibrates that version's own threshold for `--target-quality` on its held-out evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
 import random
 import sqlite3
@@ -67,7 +72,9 @@ class CycleFigures:
     p95_ms: float
     retrain_status: str
     retrain_wall_s: float
-    train_requests: int
+    train_requests: int  # user requests sent before this cycle's retrain (cumulative)
+    sft_rows: int  # rows the cycle's SFT trained on
+    threshold: float | None  # the served version's calibrated cascade threshold
 
 
 def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespace) -> Path:
@@ -80,10 +87,10 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
                     "model_dir": str(args.model_dir or load_settings(environ={}).student_model_dir)},
         "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
                     "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},
-        "router": {"min_confidence": args.min_confidence},
-        "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, args.requests_per_cycle // 2),
+        "router": {"min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
+        "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, min(args.cycle_sizes) // 2),
                     "sft_learning_rate": args.learning_rate, "sft_epochs": args.epochs,
-                    "init_from": "base"},
+                    "init_from": args.init_from},
     }
     path = home / "protege.yaml"
     home.mkdir(parents=True, exist_ok=True)
@@ -168,12 +175,22 @@ async def measure(url: str, sample: list[Row], labels: list[str], concurrency: i
     }
 
 
-def current_adapter(url: str) -> str:
+def current_adapter(url: str) -> tuple[str, float | None]:
+    """The version serving the task and its calibrated cascade threshold."""
     listing = httpx.get(f"{url}/admin/adapters", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
-    return next((a["version"] for a in listing["aliases"] if a["task"] == TASK and not a["tenant"]), "base@v0")
+    version = next((a["version"] for a in listing["aliases"] if a["task"] == TASK and not a["tenant"]), "base@v0")
+    threshold = next((v["min_confidence"] for v in listing["data"] if v["name"] == version), None)
+    return version, threshold
 
 
-def run_retrain(config: Path, db_path: Path, log_path: Path) -> tuple[str, float]:
+@dataclass(frozen=True)
+class RetrainOutcome:
+    status: str
+    wall_s: float
+    sft_rows: int
+
+
+def run_retrain(config: Path, db_path: Path, log_path: Path) -> RetrainOutcome:
     """One `protege retrain` as its own process; its verdict is read back from retrain_runs."""
     started = time.monotonic()
     with log_path.open("a") as log:
@@ -181,11 +198,14 @@ def run_retrain(config: Path, db_path: Path, log_path: Path) -> tuple[str, float
                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, check=False)
     conn = sqlite3.connect(db_path)
     try:
-        row = conn.execute("SELECT status, reason FROM retrain_runs ORDER BY started_at DESC LIMIT 1").fetchone()
+        row = conn.execute("SELECT status, reason, data_counts FROM retrain_runs ORDER BY started_at DESC LIMIT 1"
+                           ).fetchone()
     finally:
         conn.close()
-    status = f"{row[0]}: {row[1]}" if row else "no run recorded"
-    return status, time.monotonic() - started
+    if row is None:
+        return RetrainOutcome("no run recorded", time.monotonic() - started, 0)
+    counts = json.loads(row[2] or "{}")
+    return RetrainOutcome(f"{row[0]}: {row[1]}", time.monotonic() - started, int(counts.get("sft.train.jsonl", 0)))
 
 
 def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
@@ -195,12 +215,13 @@ def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    header = ("| cycle | adapter | student acc | system acc | teacher share | cost avoided $ | p50 ms | p95 ms "
-              "| retrain | retrain s |\n|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| cycle | requests | SFT rows | adapter | threshold | student acc | system acc | teacher share "
+              "| cost avoided $ | p50 ms | p95 ms | retrain | retrain s |\n" + "|---" * 13 + "|")
     lines = [header] + [
-        f"| {f.cycle} | {f.adapter} | {f.student_accuracy:.1%} | {f.system_accuracy:.1%} | {f.teacher_share:.1%} "
-        f"| {f.teacher_cost_avoided_usd:.4f} | {f.p50_ms:.0f} | {f.p95_ms:.0f} | {f.retrain_status} "
-        f"| {f.retrain_wall_s:.0f} |" for f in figures]
+        f"| {f.cycle} | {f.train_requests} | {f.sft_rows} | {f.adapter} | "
+        f"{'-' if f.threshold is None else f'{f.threshold:.3f}'} | {f.student_accuracy:.1%} "
+        f"| {f.system_accuracy:.1%} | {f.teacher_share:.1%} | {f.teacher_cost_avoided_usd:.4f} | {f.p50_ms:.0f} "
+        f"| {f.p95_ms:.0f} | {f.retrain_status} | {f.retrain_wall_s:.0f} |" for f in figures]
     table = "\n".join(lines)
     (out / "loop.md").write_text(table + "\n")
     _plot(out / "loop.png", figures)
@@ -233,12 +254,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None, help="BANKING77 folder (default ../shared/data/banking77).")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "loop")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--requests-per-cycle", type=int, default=3000)
+    parser.add_argument("--requests-per-cycle", default="3000",
+                        help="User requests before each retrain: one number, or one per cycle (500,1500,2000).")
     parser.add_argument("--test-sample", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--teacher-error-rate", type=float, default=0.0)
-    parser.add_argument("--min-confidence", type=float, default=-0.05,
-                        help="Cascade threshold on the student's mean token log-probability.")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="Cascade threshold of versions without their own (base@v0): 0 sends all to the teacher.")
+    parser.add_argument("--target-quality", type=float, default=0.95,
+                        help="router.calibrate_target_quality: each promoted version's threshold is set for it.")
+    parser.add_argument("--init-from", choices=["current", "base"], default="current",
+                        help="Each retrain continues the served adapter, or starts from the base.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -248,8 +274,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.out = args.out.absolute()
     if args.quick:
-        args.cycles, args.requests_per_cycle, args.test_sample, args.epochs = 1, 48, 16, 1.0
+        args.cycles, args.requests_per_cycle, args.test_sample, args.epochs = 1, "48", 16, 1.0
+    sizes = [int(n) for n in str(args.requests_per_cycle).split(",")]
+    if len(sizes) == 1:
+        sizes *= args.cycles
+    if len(sizes) != args.cycles or min(sizes) < 1:
+        parser.error("--requests-per-cycle: one positive number, or one per cycle")
+    args.cycle_sizes = sizes
     return args
+
+
+def measured(cycle: int, url: str, sample: list[Row], labels: list[str], concurrency: int,
+             retrain: RetrainOutcome, sent: int) -> CycleFigures:
+    adapter, threshold = current_adapter(url)
+    return CycleFigures(cycle, adapter, **asyncio.run(measure(url, sample, labels, concurrency)),
+                        retrain_status=retrain.status, retrain_wall_s=retrain.wall_s, train_requests=sent,
+                        sft_rows=retrain.sft_rows, threshold=threshold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,16 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[CycleFigures] = []
     started = time.monotonic()
     try:
-        figures.append(CycleFigures(0, current_adapter(url), **asyncio.run(measure(url, sample, labels, args.concurrency)),
-                                    retrain_status="-", retrain_wall_s=0.0, train_requests=0))
+        figures.append(measured(0, url, sample, labels, args.concurrency, RetrainOutcome("-", 0.0, 0), 0))
         print(write_outputs(args.out, figures), flush=True)
-        for cycle in range(1, args.cycles + 1):
-            chunk = train[(cycle - 1) * args.requests_per_cycle: cycle * args.requests_per_cycle]
-            sent = asyncio.run(simulate_users(url, chunk, labels, args.concurrency))
-            status, wall = run_retrain(config, home / "protege.db", args.out / "retrain.log")
-            figures.append(CycleFigures(cycle, current_adapter(url),
-                                        **asyncio.run(measure(url, sample, labels, args.concurrency)),
-                                        retrain_status=status, retrain_wall_s=wall, train_requests=sent))
+        sent = 0
+        for cycle, size in enumerate(args.cycle_sizes, start=1):
+            sent += asyncio.run(simulate_users(url, train[sent: sent + size], labels, args.concurrency))
+            retrain = run_retrain(config, home / "protege.db", args.out / "retrain.log")
+            figures.append(measured(cycle, url, sample, labels, args.concurrency, retrain, sent))
             print(write_outputs(args.out, figures), flush=True)
     finally:
         gateway.terminate()

@@ -9,8 +9,9 @@ table and the protege/stock ratios.
 
 The full comparison in docs/trainer.md uses ``--budget-s 600``; the default is a smoke run.
 Variants: ``stock`` (TRL defaults but fp32, LoRA r16 on all linear layers, batch 16),
-``protege`` (trainer.fast_sft, LoRA on all layers), ``protege-topN`` (LoRA on the top N layers
-only), ``protege-packed`` (padding-free packed batches instead of length-grouped padding).
+``protege`` (trainer.fast_sft with its defaults), ``protege-all`` (LoRA on every layer),
+``protege-all-noshare`` (and no shared-prefix forward), ``protege-topN`` (LoRA on the top N
+layers only), ``protege-packed`` (padding-free packed batches instead of length-grouped padding).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class BenchArgs:
     max_length: int
     prompt: str
     seed: int
+    threads: int
+    clock: str
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Measurement:
     train_s: float
     examples_per_s: float
     tokens_per_s: float
-    cpu_s: float
+    train_cpu_s: float  # CPU seconds of the training loop, all threads
     peak_rss_gib: float
     final_loss: float
     accuracy: float
@@ -99,19 +102,26 @@ def load_rows(args: BenchArgs) -> tuple[list[Row], list[Row], list[str]]:
 # --- variants (run in the worker subprocess) ----------------------------------------------------
 
 
-def run_protege(args: BenchArgs, variant: str, rows: list[Row], out_dir: Path) -> Any:  # noqa: ANN401
+def run_protege(args: BenchArgs, variant: str, rows: list[Row], out_dir: Path) -> Any:
     from trainer.config import LoraPlacement, SFTRunConfig
     from trainer.fast_sft import train_sft
 
-    top = int(variant.removeprefix("protege-top")) if variant.startswith("protege-top") else None
+    defaults = SFTRunConfig()
+    top = defaults.lora.top_layers
+    if variant.startswith("protege-top"):
+        top = int(variant.removeprefix("protege-top"))
+    elif variant in ("protege-all", "protege-all-noshare"):
+        top = None
     config = SFTRunConfig(lora=LoraPlacement(top_layers=top), batch_size=args.batch_size,
                           learning_rate=args.learning_rate, max_length=args.max_length,
                           time_budget_s=args.budget_s, epochs=50.0, seed=args.seed,
-                          padding_free=variant == "protege-packed", logging_steps=1000)
+                          padding_free=variant == "protege-packed",
+                          share_prefix=variant not in ("protege-packed", "protege-all-noshare"),
+                          threads=args.threads, budget_clock=args.clock, logging_steps=1000)
     return train_sft(args.base_dir, rows, out_dir, config)
 
 
-def run_stock(args: BenchArgs, rows: list[Row], out_dir: Path) -> Any:  # noqa: ANN401
+def run_stock(args: BenchArgs, rows: list[Row], out_dir: Path) -> Any:
     """TRL's SFTTrainer as documented, with only what the comparison needs changed: fp32 (TRL's
     default bf16 autocast is slower still on this CPU), batch size, lr, the LoRA, the budget."""
     import torch
@@ -121,11 +131,16 @@ def run_stock(args: BenchArgs, rows: list[Row], out_dir: Path) -> Any:  # noqa: 
     from trl import SFTConfig, SFTTrainer
 
     from trainer.config import SFTRunConfig, TrainResult
-    from trainer.fast_sft import _trainer_classes, build_dataset, peak_rss_bytes, set_threads
+    from trainer.fast_sft import (
+        _trainer_classes,
+        build_dataset,
+        peak_rss_bytes,
+        set_threads,
+    )
     from trainer.lora import save_adapter
     from trainer.model_prep import ALL_LINEAR
 
-    set_threads(None)
+    set_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
     model = AutoModelForCausalLM.from_pretrained(args.base_dir, dtype=torch.float32)
     lengths = build_dataset(tokenizer, rows, args.max_length)[0]["input_ids"]
@@ -142,7 +157,8 @@ def run_stock(args: BenchArgs, rows: list[Row], out_dir: Path) -> Any:  # noqa: 
                            disable_tqdm=True, logging_steps=1000, seed=args.seed, data_seed=args.seed)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora)
-        trainer.add_callback(budget_cls(args.budget_s))
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        trainer.add_callback(budget_cls(args.budget_s, clock))
         started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -166,8 +182,6 @@ def short_rows(rows: list[Row], base_dir: Path, max_length: int) -> list[Row]:
 
 
 def worker(args: BenchArgs, variant: str) -> Measurement:
-    import resource
-
     from trainer.fast_sft import evaluate_labels
 
     train_rows, eval_rows, eval_labels = load_rows(args)
@@ -178,15 +192,13 @@ def worker(args: BenchArgs, variant: str) -> Measurement:
             result = run_stock(args, train_rows, out_dir)
         else:
             result = run_protege(args, variant, train_rows, out_dir)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu_s = usage.ru_utime + usage.ru_stime
         started = time.perf_counter()
         accuracy = evaluate_labels(args.base_dir, out_dir, eval_rows, eval_labels)
         eval_s = time.perf_counter() - started
     return Measurement(
         variant=variant, examples=result.examples, train_s=result.seconds,
         examples_per_s=result.examples_per_s, tokens_per_s=result.tokens / result.seconds,
-        cpu_s=cpu_s, peak_rss_gib=result.peak_rss_bytes / 2**30, final_loss=result.final_loss,
+        train_cpu_s=result.cpu_seconds, peak_rss_gib=result.peak_rss_bytes / 2**30, final_loss=result.final_loss,
         accuracy=accuracy, eval_s=eval_s,
     )
 
@@ -207,16 +219,17 @@ def _cli_args(args: BenchArgs) -> list[str]:
             str(args.budget_s), "--train-rows", str(args.train_rows), "--eval-rows",
             str(args.eval_rows), "--batch-size", str(args.batch_size), "--lr",
             str(args.learning_rate), "--max-length", str(args.max_length), "--prompt", args.prompt,
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--threads", str(args.threads), "--clock", args.clock]
 
 
 def table(results: list[Measurement]) -> str:
-    head = (f"{'variant':<16}{'examples':>9}{'train s':>9}{'ex/s':>8}{'tok/s':>8}{'cpu s':>8}"
-            f"{'peak RSS':>10}{'loss':>8}{'accuracy':>10}")
+    head = (f"{'variant':<16}{'examples':>9}{'train s':>9}{'ex/s':>8}{'tok/s':>8}"
+            f"{'ex/cpu-s':>10}{'peak RSS':>10}{'loss':>8}{'accuracy':>10}")
     lines = [head, "-" * len(head)]
     for m in results:
         lines.append(f"{m.variant:<16}{m.examples:>9}{m.train_s:>9.1f}{m.examples_per_s:>8.2f}"
-                     f"{m.tokens_per_s:>8.0f}{m.cpu_s:>8.0f}{m.peak_rss_gib:>8.2f}Gi"
+                     f"{m.tokens_per_s:>8.0f}{m.examples / m.train_cpu_s:>10.2f}"
+                     f"{m.peak_rss_gib:>8.2f}Gi"
                      f"{m.final_loss:>8.3f}{m.accuracy:>10.3f}")
     stock = next((m for m in results if m.variant == "stock"), None)
     if stock is not None:
@@ -235,7 +248,7 @@ def parse(argv: list[str] | None) -> tuple[BenchArgs, list[str], str | None, str
     p.add_argument("--data", type=Path, required=True, help="BANKING77 folder (train/test csv)")
     p.add_argument("--base-dir", type=Path, required=True, help="prepared student (model_prep)")
     p.add_argument("--budget-s", type=float, default=120.0,
-                   help="training wall-clock budget per variant (full comparison: 600)")
+                   help="training budget per variant, seconds (full comparison: 600)")
     p.add_argument("--train-rows", type=int, default=3000)
     p.add_argument("--eval-rows", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
@@ -244,14 +257,25 @@ def parse(argv: list[str] | None) -> tuple[BenchArgs, list[str], str | None, str
     p.add_argument("--prompt", choices=["short", "labels"], default="short",
                    help="system message: short instruction, or the 77 labels listed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every variant (default: idle cores when the run starts)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what the budget counts: wall seconds, or the worker's CPU seconds (fair "
+                   "when other jobs share the machine)")
     p.add_argument("--variants", default="stock,protege",
-                   help="comma list of stock, protege, protege-packed, protege-topN")
+                   help="comma list of stock, protege (defaults), protege-all (LoRA on every layer), "
+                   "protege-all-noshare, protege-topN, protege-packed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
+    if ns.threads is None:
+        from trainer.fast_sft import idle_cores
+
+        ns.threads = idle_cores()
     args = BenchArgs(data=ns.data, base_dir=ns.base_dir.expanduser(), budget_s=ns.budget_s,
                      train_rows=ns.train_rows, eval_rows=ns.eval_rows, batch_size=ns.batch_size,
-                     learning_rate=ns.lr, max_length=ns.max_length, prompt=ns.prompt, seed=ns.seed)
+                     learning_rate=ns.lr, max_length=ns.max_length, prompt=ns.prompt, seed=ns.seed,
+                     threads=ns.threads, clock=ns.clock)
     return args, ns.variants.split(","), ns.worker, ns.worker_out
 
 
@@ -263,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"budget {args.budget_s:.0f} s per variant, batch {args.batch_size}, lr "
           f"{args.learning_rate}, prompt={args.prompt}, rows <= {args.max_length} tokens, "
-          f"{args.eval_rows} held-out rows", flush=True)
+          f"{args.eval_rows} held-out rows, {args.threads} thread(s), {args.clock} clock",
+          flush=True)
     results = []
     for variant in variants:
         results.append(spawn(args, variant))

@@ -199,3 +199,11 @@ def m004_retrain_runs(db: sqlite_utils.Database) -> None:
         """
     )
     db.conn.execute("CREATE INDEX idx_retrain_runs_task ON retrain_runs (task, started_at)")
+
+
+@migration(5)
+def m005_adapter_cascade_threshold(db: sqlite_utils.Database) -> None:
+    # The cascade threshold calibrated for one adapter version (set by the retrain after it
+    # promotes the version). Stored on the version, not the alias: a rollback brings back the
+    # older version and with it the threshold it was calibrated for. NULL: router.min_confidence.
+    db.conn.execute("ALTER TABLE adapters ADD COLUMN min_confidence REAL")

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import shutil
 import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,6 +88,8 @@ class AdapterVersion:
     weights_sha256: str
     created_at: float
     source: str | None
+    # The cascade threshold calibrated for this version (None: router.min_confidence applies).
+    min_confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class LeasedAdapter:
     alias: str  # what the caller asked for (task), for logs and metrics
     version: str  # task@vN actually serving the call
     model_name: str  # the name to send vLLM as `model`
+    min_confidence: float | None = None  # the version's calibrated cascade threshold, if any
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,8 @@ class AdapterRegistry:
         try:
             if version not in self._loaded:
                 await self._ensure_loaded_for_request(version)
-            yield LeasedAdapter(alias=label, version=version, model_name=version)
+            yield LeasedAdapter(alias=label, version=version, model_name=version,
+                                min_confidence=self._versions[version].min_confidence)
         except BackendRejected as exc:
             if exc.upstream_status == 404:
                 # vLLM does not know the adapter (an external server restarted): load it again
@@ -339,6 +344,18 @@ class AdapterRegistry:
             self._drain_later(current)
         log.info("rolled %s back to %s (was %s)", alias_label(task, tenant_key), target, current)
         return AliasChange(task, tenant, target, current)
+
+    async def calibrate(self, version: str, min_confidence: float | None) -> AdapterVersion:
+        """Set the cascade threshold ``version`` is served with (None: the global setting)."""
+        if min_confidence is not None and not math.isfinite(min_confidence):
+            raise AdapterError("min_confidence must be a finite number or null", param="min_confidence")
+        async with self._admin_lock:
+            record = replace(self._get(version), min_confidence=min_confidence)
+            await asyncio.to_thread(self._write, "UPDATE adapters SET min_confidence = ? WHERE name = ?",
+                                    (min_confidence, version))
+            self._versions[version] = record
+        log.info("cascade threshold of %s set to %s", version, min_confidence)
+        return record
 
     def list(self) -> tuple[list[AdapterStatus], list[Alias]]:
         """Every version with its state, and every alias."""
@@ -471,7 +488,7 @@ class AdapterRegistry:
         staging, manifest = await self._stage(BASE_TASK, source, base)
         await asyncio.to_thread(shutil.rmtree, old.path, True)
         record = AdapterVersion(old.name, old.task, old.version, old.path, manifest.rank, base.fingerprint,
-                                manifest.weights_sha256, old.created_at, old.source)
+                                manifest.weights_sha256, old.created_at, old.source, old.min_confidence)
         await self._publish(staging, record)
         await asyncio.to_thread(
             self._write, "UPDATE adapters SET rank = ?, weights_sha256 = ? WHERE name = ?",
@@ -583,13 +600,13 @@ class AdapterRegistry:
     def _read_state(self) -> None:
         conn = self._db.conn
         for row in conn.execute(
-            "SELECT name, task, version, path, rank, base_fingerprint, weights_sha256, created_at, source "
-            "FROM adapters"
+            "SELECT name, task, version, path, rank, base_fingerprint, weights_sha256, created_at, source, "
+            "min_confidence FROM adapters"
         ):
-            name, task, version, path, rank, fingerprint, sha, created_at, source = row
+            name, task, version, path, rank, fingerprint, sha, created_at, source, min_confidence = row
             self._versions[name] = AdapterVersion(
                 name, task, version, (self.adapters_dir / path).resolve(), rank, fingerprint, sha,
-                created_at, source)
+                created_at, source, min_confidence)
         for task, tenant, adapter in conn.execute(
             "SELECT task, tenant, adapter FROM adapter_promotions WHERE rolled_back_at IS NULL "
             "ORDER BY id"

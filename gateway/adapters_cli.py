@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from gateway.adapter_export import add_export_parser
 from gateway.settings import Settings, load_settings
 
 
@@ -43,6 +44,9 @@ class AdminClient:
 
     def rollback(self, task: str, tenant: str | None = None) -> dict[str, Any]:
         return self._call("POST", "/admin/adapters/rollback", {"task": task, "tenant": tenant})
+
+    def calibrate(self, version: str, min_confidence: float | None) -> dict[str, Any]:
+        return self._call("POST", "/admin/adapters/calibrate", {"version": version, "min_confidence": min_confidence})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         try:
@@ -107,6 +111,10 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
     elif args.adapters_command == "rollback":
         data = client.rollback(args.task, args.tenant)
         out.write((json.dumps(data, indent=2) if args.json else format_change(data)) + "\n")
+    elif args.adapters_command == "calibrate":
+        data = client.calibrate(args.version, None if args.clear else args.min_confidence)
+        out.write(json.dumps(data, indent=2) + "\n" if args.json else
+                  f"{data['name']}: cascade threshold {data['min_confidence']}\n")
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -141,4 +149,11 @@ def add_subcommand(sub: Any) -> None:
     rollback = commands.add_parser("rollback", help="Point the alias back at the previous version.")
     rollback.add_argument("task")
     rollback.add_argument("--tenant", default=None, help="Only for this API key id.")
+    calibrate = commands.add_parser("calibrate", help="Set a version's cascade threshold (the retrain "
+                                    "sets it after a promotion).")
+    calibrate.add_argument("version", help="e.g. support@v3")
+    threshold = calibrate.add_mutually_exclusive_group(required=True)
+    threshold.add_argument("--min-confidence", type=float, help="Escalate answers less confident than this.")
+    threshold.add_argument("--clear", action="store_true", help="Use router.min_confidence again.")
+    add_export_parser(commands)  # offline: merges a version, needs no gateway
     parser.set_defaults(func=cmd_adapters)

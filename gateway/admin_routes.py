@@ -4,6 +4,7 @@
     POST /admin/adapters/load     {task, path}        -> registers the next version, loads it
     POST /admin/adapters/promote  {task, version, tenant?}
     POST /admin/adapters/rollback {task, tenant?}
+    POST /admin/adapters/calibrate {version, min_confidence}  -> the version's cascade threshold
 
 Errors are the registry's ProtegeErrors; the app's one handler renders them.
 """
@@ -40,6 +41,13 @@ class RollbackBody(_Body):
     tenant: str | None = Field(None, max_length=64)
 
 
+class CalibrateBody(_Body):
+    version: str = Field(min_length=1, max_length=80)
+    min_confidence: float | None = Field(
+        description="Escalate this version's answers whose confidence is below it; null: "
+        "router.min_confidence applies.")
+
+
 def render_version(record: AdapterVersion) -> dict[str, Any]:
     return {
         "name": record.name,
@@ -50,6 +58,7 @@ def render_version(record: AdapterVersion) -> dict[str, Any]:
         "created_at": record.created_at,
         "source": record.source,
         "weights_sha256": record.weights_sha256,
+        "min_confidence": record.min_confidence,
     }
 
 
@@ -91,5 +100,9 @@ def build_admin_router(
     @router.post("/rollback")
     async def rollback_adapter(body: RollbackBody, registry: Registry) -> dict[str, Any]:
         return render_change(await registry.rollback(body.task, body.tenant))
+
+    @router.post("/calibrate")
+    async def calibrate_adapter(body: CalibrateBody, registry: Registry) -> dict[str, Any]:
+        return render_version(await registry.calibrate(body.version, body.min_confidence))
 
     return router

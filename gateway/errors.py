@@ -137,3 +137,9 @@ class AdapterError(ProtegeError):
     status_code = 400
     error_type = "invalid_request_error"
     default_code = "adapter_error"
+
+
+class ExportError(AdapterError):
+    """`protege adapters export` could not build or write the merged model."""
+
+    default_code = "export_failed"

@@ -50,6 +50,8 @@ class CallRecord:
     draft: str | None = None
     confidence: float | None = None  # mean token log-probability of the student's answer
     min_logprob: float | None = None
+    # The serving version's calibrated cascade threshold (registry), for the post-call review.
+    adapter_min_confidence: float | None = None
     status: str = "ok"
     http_status: int = 200
     error: str | None = None

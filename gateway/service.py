@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.record import CallRecord, answer_text, finish
 from gateway.schemas import ChatRequest, parse_model, to_features
 from router.base import Router
+from router.cascade import logprob_stats
 from router.types import RequestFeatures, RouteDecision, StudentOutcome
 
 log = logging.getLogger("protege.service")
@@ -41,6 +41,7 @@ class AdapterLease:
     alias: str
     version: str
     model_name: str  # what the student server calls it
+    min_confidence: float | None = None  # the version's calibrated cascade threshold, if any
 
 
 class AdapterResolver(Protocol):
@@ -171,6 +172,7 @@ class ChatService:
             payload["logprobs"] = True
         async with self.adapters.lease(decision.adapter or "base", record.caller) as lease:
             record.route, record.adapter, record.adapter_version = "student", lease.alias, lease.version
+            record.adapter_min_confidence = lease.min_confidence
             payload["model"] = lease.model_name
             body = await self.student.complete(payload)
         record.confidence, record.min_logprob = logprob_stats(body)
@@ -187,7 +189,8 @@ class ChatService:
         try:
             body = await self._call_student(request, decision, record)
             outcome = StudentOutcome(mean_logprob=record.confidence, min_logprob=record.min_logprob,
-                                     output_text=answer_text(body))
+                                     output_text=answer_text(body),
+                                     min_confidence=record.adapter_min_confidence)
         except BackendTimeout as exc:
             failure, outcome = exc, StudentOutcome(error="timeout")
         except BackendError as exc:
@@ -390,16 +393,3 @@ class _Primed:
 
 async def _first_chunk(upstream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
     return await anext(upstream, None)
-
-
-def logprob_stats(body: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(mean, min) token log-probability of the first choice, when the backend returned logprobs."""
-    choices = body.get("choices") or []
-    if not choices:
-        return None, None
-    content = ((choices[0].get("logprobs") or {}).get("content")) or []
-    values = [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), (int, float))]
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return None, None
-    return sum(values) / len(values), min(values)

@@ -229,6 +229,15 @@ class RouterSettings(_Section):
         description="Confidence cascade: a student answer (stripped) that does not fully match this "
         "regex goes to the teacher as `invalid_output`. Unset: no regex check.",
     )
+    calibrate_target_quality: float | None = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="When a retrain promotes an adapter, it sets that version's cascade threshold "
+        "from its held-out evaluation: the lowest teacher share at which the system's accuracy "
+        "(escalated answers counted right) reaches this. A rollback restores the older version's "
+        "own threshold. Unset: every version uses `min_confidence`.",
+    )
 
 
 class ShadowSettings(_Section):
@@ -258,6 +267,12 @@ class TrainerSettings(_Section):
     )
     dpo_min_pairs: int = Field(
         64, ge=1, description="DPO runs on top of the SFT adapter only with at least this many pairs."
+    )
+    kto_min_rows: int = Field(
+        32,
+        ge=2,
+        description="With too few new SFT rows for a retrain, KTO alone continues the served "
+        "adapter on thumbs up/down when at least this many new KTO rows, with both kinds, arrived.",
     )
     eval_max_rows: int = Field(
         300, ge=1, description="Held-out and regression rows scored per adapter in a retrain."

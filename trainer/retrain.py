@@ -2,7 +2,7 @@
 
 1. build data from the log (stop with a reason when too little is new since the last cycle);
 2. SFT a LoRA adapter (from the current adapter, or from base), then DPO on top when there are
-   enough preference pairs;
+   enough preference pairs; or, when only thumbs up/down arrived, KTO alone on the current adapter;
 3. register the candidate in the running gateway under its versioned name and evaluate it
    against the current adapter, both served by vLLM, on the held-out split and the regression set;
 4. promote only if it beats the current one by the margin without regressing; else keep it
@@ -32,7 +32,8 @@ from feedback.store import open_database
 from gateway.adapters_cli import AdminCallFailed
 from gateway.errors import Conflict, ProtegeError
 from gateway.settings import Settings
-from trainer.config import DPORunConfig, SFTRunConfig, TrainResult
+from router.calibration import ConfidenceCalibration, calibrate_min_confidence
+from trainer.config import DPORunConfig, KTORunConfig, SFTRunConfig, TrainResult
 from trainer.evaluate import EvalResult, evaluate
 from trainer.gateway_client import GatewayClient
 
@@ -41,6 +42,7 @@ log = logging.getLogger("protege.retrain")
 BASE_ADAPTER = "base@v0"
 TrainSFT = Callable[[Path, list[dict[str, Any]], Path, SFTRunConfig, Path | None], TrainResult]
 TrainDPO = Callable[[Path, list[dict[str, Any]], Path, DPORunConfig, Path], TrainResult]
+TrainKTO = Callable[[Path, list[dict[str, Any]], Path, KTORunConfig, Path | None], TrainResult]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class RetrainOptions:
     dpo: DPORunConfig | None = field(default_factory=DPORunConfig)
     min_new_examples: int = 32
     dpo_min_pairs: int = 64
+    kto: KTORunConfig | None = field(default_factory=KTORunConfig)  # None: never KTO
+    kto_min_rows: int = 32
     promote_margin: float = 0.01
     regression_tolerance: float = 0.02
     eval_max_rows: int = 200
@@ -67,17 +71,20 @@ class CycleReport:
     reason: str
     candidate: str | None = None
     parent: str | None = None
+    method: str | None = None  # what trained the candidate: sft | sft+dpo | kto
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: data, train, evaluate
 
     def summary(self) -> str:
         lines = [f"retrain {self.run_id} task={self.task}: {self.status.upper()} — {self.reason}"]
         if self.candidate:
-            lines.append(f"  candidate {self.candidate} (parent {self.parent})")
+            lines.append(f"  candidate {self.candidate} (parent {self.parent}, trained by {self.method})")
         for name in ("current_heldout", "candidate_heldout", "current_regression", "candidate_regression"):
             if name in self.metrics:
                 lines.append(f"  {name:22s} {self.metrics[name]['accuracy']:.3f} on {self.metrics[name]['rows']} rows")
-        lines.append(f"  wall time {self.wall_s:.0f}s")
+        phases = ", ".join(f"{name.removesuffix('_s')} {seconds:.0f}s" for name, seconds in self.timings.items())
+        lines.append(f"  wall time {self.wall_s:.0f}s" + (f" ({phases})" if phases else ""))
         return "\n".join(lines)
 
 
@@ -152,6 +159,21 @@ def _default_dpo() -> TrainDPO:
     return train_dpo
 
 
+def _default_kto() -> TrainKTO:
+    from trainer.kto import train_kto
+
+    return train_kto
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """Training rows that arrived since the last cycle: whether a cycle is worth it, and which."""
+
+    sft: int
+    kto_up: int
+    kto_down: int
+
+
 @dataclass
 class Cycle:
     """One cycle's moving parts; ``run`` walks the five steps."""
@@ -161,6 +183,7 @@ class Cycle:
     gateway: GatewayClient
     train_sft: TrainSFT | None = None
     train_dpo: TrainDPO | None = None
+    train_kto: TrainKTO | None = None
     clock: Callable[[], float] = time.time
 
     def run(self) -> CycleReport:
@@ -186,7 +209,7 @@ class Cycle:
             report.wall_s = self.clock() - started
             row.update(status=report.status, reason=report.reason, finished_at=self.clock(), wall_s=report.wall_s,
                        candidate=report.candidate, parent=report.parent,
-                       metrics=json.dumps(report.metrics, default=str))
+                       metrics=json.dumps({**report.metrics, "timings": report.timings}, default=str))
             runs.write(row)
             runs.close()
         return report
@@ -194,6 +217,7 @@ class Cycle:
     def _hyperparameters(self) -> dict[str, Any]:
         return {"init_from": self.options.init_from, "sft": asdict(self.options.sft),
                 "dpo": asdict(self.options.dpo) if self.options.dpo else None,
+                "kto": asdict(self.options.kto) if self.options.kto else None,
                 "promote_margin": self.options.promote_margin,
                 "regression_tolerance": self.options.regression_tolerance}
 
@@ -204,40 +228,81 @@ class Cycle:
         current = self.gateway.current(opts.task)
         parent = current.name if current else BASE_ADAPTER
         report.parent = parent
-        manifest, fresh = self._build_data(since, parent)
+        phase_started = self.clock()
+        manifest, new = self._build_data(since, parent)
+        report.timings["data_s"] = self.clock() - phase_started
         row.update(data_version=manifest.version, data_hash=manifest.content_hash,
                    data_counts=json.dumps({n: f["rows"] for n, f in manifest.files.items()}),
                    data_until=self.clock(), base_fingerprint=manifest.base_model)
-        if fresh < opts.min_new_examples:
-            report.status = "skipped"
-            report.reason = f"only {fresh} new training rows since the last cycle (need {opts.min_new_examples})"
+        method = self._method(new)
+        if method is None:
+            report.status, report.reason = "skipped", self._skip_reason(new)
             return
         if opts.response_format is None:
             self.options = replace(opts, response_format=runs.served_response_format(opts.task))
-        candidate_dir = self._train(manifest, current.path if current and opts.init_from == "current" else None)
+        if method == "kto":
+            # KTO only reweights the served adapter's own answers: from a fresh LoRA it would drop
+            # what that adapter learned, whatever init_from says.
+            init = current.path if current else None
+        else:
+            init = current.path if current and opts.init_from == "current" else None
+        phase_started = self.clock()
+        candidate_dir, report.method = self._train(manifest, method, init)
+        report.timings["train_s"] = self.clock() - phase_started
+        row.update(hyperparameters=json.dumps({**self._hyperparameters(), "method": report.method}, default=str))
         served = self.gateway.register(opts.task, str(candidate_dir.relative_to(self.settings.adapters_dir)))
         report.candidate = served.name
+        phase_started = self.clock()
         self._evaluate_and_decide(report, manifest, parent)
+        report.timings["evaluate_s"] = self.clock() - phase_started
 
-    def _build_data(self, since: float | None, parent: str) -> tuple[Manifest, int]:
+    def _build_data(self, since: float | None, parent: str) -> tuple[Manifest, NewRows]:
         s = self.settings
         probe_dir = s.data_dir / "_probe"
         fresh = build_datasets(s.db_path, probe_dir, options_from_settings(s, self.options.task, since=since,
                                                                            current_adapter_version=parent))
-        new_rows = int(fresh.files.get("sft.train.jsonl", {}).get("rows", 0))
+        thumbs = [bool(r["label"]) for r in _read_jsonl(fresh.path / "kto.train.jsonl")]
+        new_rows = NewRows(sft=int(fresh.files.get("sft.train.jsonl", {}).get("rows", 0)),
+                           kto_up=sum(thumbs), kto_down=len(thumbs) - sum(thumbs))
         shutil.rmtree(probe_dir, ignore_errors=True)
         # Train on everything gathered so far: continued training on only the newest failures
         # forgets what the adapter knew. `since` only decides whether a cycle is worth running.
         options = options_from_settings(s, self.options.task, current_adapter_version=parent)
         return build_datasets(s.db_path, s.data_dir, options), new_rows
 
-    def _train(self, manifest: Manifest, init_adapter: str | None) -> Path:
-        s = self.settings
+    def _method(self, new: NewRows) -> str | None:
+        """What this cycle trains: "sft" (then DPO when there are pairs), "kto", or None (skip)."""
+        opts = self.options
+        if new.sft >= opts.min_new_examples:
+            return "sft"
+        # Thumbs teach no new answer, but say which of the adapter's own answers to make more or
+        # less likely; KTO's loss weights and KL estimate need both kinds.
+        if (opts.kto is not None and new.kto_up and new.kto_down
+                and new.kto_up + new.kto_down >= opts.kto_min_rows):
+            return "kto"
+        return None
+
+    def _skip_reason(self, new: NewRows) -> str:
+        opts = self.options
+        reason = f"only {new.sft} new training rows since the last cycle (need {opts.min_new_examples})"
+        if opts.kto is None:
+            return reason
+        return (f"{reason}; {new.kto_up} up / {new.kto_down} down new thumbs "
+                f"(KTO needs {opts.kto_min_rows}, both kinds)")
+
+    def _train(self, manifest: Manifest, method: str, init_adapter: str | None) -> tuple[Path, str]:
+        """Train the candidate on everything gathered so far; its folder and what ran."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
-        out_dir = s.adapters_dir / "_candidates" / f"{self.options.task}-{stamp}"
+        out_dir = self.settings.adapters_dir / "_candidates" / f"{self.options.task}-{stamp}"
+        init = Path(init_adapter) if init_adapter else None
+        if method == "kto" and self.options.kto is not None:
+            return self._train_kto(manifest, out_dir, init, self.options.kto), "kto"
+        return self._train_sft_dpo(manifest, out_dir, init)
+
+    def _train_sft_dpo(self, manifest: Manifest, out_dir: Path, init: Path | None) -> tuple[Path, str]:
+        s = self.settings
         sft_rows = _read_jsonl(manifest.path / "sft.train.jsonl")
         train_sft = self.train_sft or _default_sft()
-        init = Path(init_adapter) if init_adapter else None
         result = train_sft(s.student_model_dir, sft_rows, out_dir / "sft", self.options.sft, init)
         log.info("SFT: %d examples in %.0fs (%.2f/s), loss %.3f", result.examples, result.seconds,
                  result.examples_per_s, result.final_loss)
@@ -245,8 +310,16 @@ class Cycle:
         if self.options.dpo is not None and len(pairs) >= self.options.dpo_min_pairs:
             train_dpo = self.train_dpo or _default_dpo()
             train_dpo(s.student_model_dir, pairs, out_dir / "dpo", self.options.dpo, out_dir / "sft")
-            return out_dir / "dpo"
-        return out_dir / "sft"
+            return out_dir / "dpo", "sft+dpo"
+        return out_dir / "sft", "sft"
+
+    def _train_kto(self, manifest: Manifest, out_dir: Path, init: Path | None, config: KTORunConfig) -> Path:
+        rows = _read_jsonl(manifest.path / "kto.train.jsonl")
+        train_kto = self.train_kto or _default_kto()
+        result = train_kto(self.settings.student_model_dir, rows, out_dir / "kto", config, init)
+        log.info("KTO: %d examples in %.0fs (%.2f/s), loss %.3f", result.examples, result.seconds,
+                 result.examples_per_s, result.final_loss)
+        return out_dir / "kto"
 
     def _evaluate_and_decide(self, report: CycleReport, manifest: Manifest, parent: str) -> None:
         opts = self.options
@@ -263,10 +336,40 @@ class Cycle:
         verdict, reason = decide(scores, opts.promote_margin, opts.regression_tolerance)
         report.reason = reason
         if verdict:
+            self._calibrate(report, scores["candidate_heldout"])
             self.gateway.promote(opts.task, report.candidate or "")
             report.status = "promoted"
         else:
             report.status = "rejected"
+
+    def _calibrate(self, report: CycleReport, heldout: EvalResult) -> None:
+        """Give the candidate its own cascade threshold before it serves (a rollback then brings
+        back the older version's)."""
+        router = self.settings.router
+        if router.calibrate_target_quality is None:
+            return
+        threshold = cascade_threshold(heldout, router.calibrate_target_quality, router.cascade_statistic)
+        if threshold is None:
+            report.metrics["calibration"] = {"skipped": f"fewer than {MIN_CALIBRATION_ROWS} rows with confidence"}
+            return
+        self.gateway.calibrate(report.candidate or "", threshold.min_confidence)
+        report.metrics["calibration"] = {
+            "min_confidence": threshold.min_confidence, "teacher_share": threshold.teacher_share,
+            "quality": threshold.quality, "reached_target": threshold.reached_target,
+            "target_quality": router.calibrate_target_quality, "statistic": router.cascade_statistic}
+
+
+MIN_CALIBRATION_ROWS = 20
+
+
+def cascade_threshold(heldout: EvalResult, target_quality: float, statistic: str) -> ConfidenceCalibration | None:
+    """The threshold that reaches ``target_quality`` on the candidate's held-out answers (None
+    when too few answers carried log-probabilities to say)."""
+    pairs = [(row.min_logprob if statistic == "min" else row.mean_logprob, row.correct) for row in heldout.scored]
+    pairs = [(confidence, correct) for confidence, correct in pairs if confidence is not None]
+    if len(pairs) < MIN_CALIBRATION_ROWS:
+        return None
+    return calibrate_min_confidence([c for c, _ in pairs], [ok for _, ok in pairs], target_quality=target_quality)
 
 
 def decide(scores: dict[str, EvalResult], margin: float, tolerance: float) -> tuple[bool, str]:
@@ -288,7 +391,8 @@ def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     sft = SFTRunConfig(learning_rate=t.sft_learning_rate, epochs=t.sft_epochs, batch_size=t.sft_batch_size,
                        time_budget_s=t.sft_time_budget_s)
     return RetrainOptions(task=task, init_from=t.init_from, sft=sft, min_new_examples=t.min_new_examples,
-                          dpo_min_pairs=t.dpo_min_pairs, promote_margin=t.promote_margin,
+                          dpo_min_pairs=t.dpo_min_pairs, kto_min_rows=t.kto_min_rows,
+                          promote_margin=t.promote_margin,
                           regression_tolerance=t.regression_tolerance, eval_max_rows=t.eval_max_rows)
 
 

@@ -1,5 +1,6 @@
-"""Load, short form: ``bench.load`` for 20 s (the long form is ``python -m bench.load --minutes 10``;
-CI time is precious). A real gateway process, a fast mock student/teacher process, loopback only."""
+"""Load, CI form: ``bench.load`` for 2 minutes at a steady 25 RPS (the long form is
+``python -m bench.load --minutes 10``). A real gateway process, a fast mock student/teacher
+process, loopback only."""
 
 from __future__ import annotations
 
@@ -16,17 +17,30 @@ from tests.reliability.harness import chat
 pytestmark = pytest.mark.reliability
 
 
-def test_steady_load_short_form(tmp_path) -> None:  # noqa: ANN001
-    report = load.run(20, 40, max_concurrency=64, burst_size=256, mock_latency_ms=5, home=tmp_path / "home",
-                      rss_limit_mib=64)
+# The issue's CI form: 2 minutes at a steady rate. 25 RPS is a fraction of what the gateway
+# takes (100 RPS used 0.2 of a core, docs/reliability.md) so that a 2-core CI box shared with
+# the mock and the load generator passes on the gateway's merit; it still leaves 64 slots for
+# a 2.5 s stall before anything is refused.
+STEADY_S, RPS = 120, 25
+# Measured growth is 1-6 MiB (allocator and connection pools, then flat); 32 MiB over 3000
+# requests is ~11 KiB a request, the scale of a leaked row or answer.
+RSS_GROWTH_LIMIT_MIB = 32
+
+
+def test_steady_load_ci_form(tmp_path) -> None:  # noqa: ANN001
+    report = load.run(STEADY_S, RPS, max_concurrency=64, burst_size=256, mock_latency_ms=5, home=tmp_path / "home",
+                      rss_limit_mib=RSS_GROWTH_LIMIT_MIB)
     print(report)
-    assert report.sent == 800
+    assert report.sent == STEADY_S * RPS
+    # The rate was steady: a generator stalled for more than ~2 s (50 requests over 100 ms late)
+    # would then fire its backlog at once, a burst this test does not mean to measure.
+    assert report.sent_late < 50, report.max_send_lag_ms
     assert report.error_rate < 0.001, report.error_samples
     # Exactly one row per accepted request: all answered ids present, once, and nothing else.
     assert (report.missing_rows, report.extra_rows, report.duplicate_rows) == (0, 0, 0)
     assert report.rows == report.accepted
-    # Leak check, not a speed threshold: 800 requests must not grow the process by 64 MiB.
-    assert report.rss_growth_mib < 64
+    # Leak check, not a speed threshold: RSS at the end of warm-up vs the end of the 2 minutes.
+    assert report.rss_growth_mib < RSS_GROWTH_LIMIT_MIB, report.rss_series_mib
     # Overload: the excess of a 256-request burst over max_concurrency=64 is refused, never queued.
     assert report.burst_429 > 0 and report.burst_other == 0
     assert report.burst_ok + report.burst_429 == 256

@@ -36,6 +36,17 @@ def test_min_statistic_reads_the_minimum_token_logprob(settings, make_features):
     assert review(settings, features, mean=-9.0, minimum=-0.2, min_confidence=-5.0, cascade_statistic="min") is None
 
 
+def test_the_answering_versions_calibrated_threshold_overrides_the_setting(settings, make_features):
+    def calibrated(mean, own, **configured):
+        policy = CascadePolicy(settings(**configured))
+        return policy.review(make_features(), StudentOutcome(mean_logprob=mean, output_text="fine", min_confidence=own))
+
+    assert calibrated(-0.5, -0.3, min_confidence=-1.0).reason == "low_confidence"  # stricter own threshold
+    assert calibrated(-0.5, -0.7, min_confidence=-0.1) is None  # laxer own threshold
+    assert calibrated(-0.5, -0.3).reason == "low_confidence"  # cascade off globally, on for this version
+    assert calibrated(-0.5, None, min_confidence=-0.1).reason == "low_confidence"  # falls back to the setting
+
+
 def test_unknown_confidence_or_no_threshold_keeps_the_answer(settings, make_features):
     assert review(settings, make_features(), mean=None, min_confidence=-1.0) is None
     assert review(settings, make_features(), mean=-50.0) is None

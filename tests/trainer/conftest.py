@@ -44,7 +44,7 @@ def student_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def student_tokenizer(student_dir: Path) -> Any:  # noqa: ANN401
+def student_tokenizer(student_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(student_dir)

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="trainer extra not installed")
 
-from trainer.config import DPORunConfig, LoraPlacement, SFTRunConfig  # noqa: E402
-from trainer.fast_sft import (  # noqa: E402
+from trainer.config import DPORunConfig, LoraPlacement, SFTRunConfig
+from trainer.fast_sft import (
     build_dataset,
     completion_nll,
     generate_greedy,
@@ -24,15 +24,15 @@ from trainer.fast_sft import (  # noqa: E402
     train_dpo,
     train_sft,
 )
-from trainer.lora import attach_lora, layer_indices, lora_config  # noqa: E402
-from trainer.model_prep import greedy_completion  # noqa: E402
+from trainer.lora import attach_lora, layer_indices, lora_config
+from trainer.model_prep import greedy_completion
 
 # Two layers at the top, a handful of rows: enough to exercise every code path in seconds.
 TINY = SFTRunConfig(lora=LoraPlacement(rank=4, alpha=8.0, top_layers=2), batch_size=4,
                     max_steps=2, warmup_steps=0, learning_rate=1e-3, threads=2, logging_steps=1)
 
 
-def tiny_llama() -> Any:  # noqa: ANN401
+def tiny_llama() -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def tiny_llama() -> Any:  # noqa: ANN401
     return LlamaForCausalLM(config).eval()
 
 
-def reference_nll(model: Any, input_ids: Any, labels: Any, **inputs: Any) -> Any:  # noqa: ANN401
+def reference_nll(model: Any, input_ids: Any, labels: Any, **inputs: Any) -> Any:
     """The plain way: full logits at every position, masked mean cross-entropy."""
     logits = model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
@@ -147,7 +147,7 @@ def test_upper_layer_placement() -> None:
     assert config.r == 8 and config.layers_to_transform == [28, 29]
 
 
-def test_rows_tokenize_with_the_completion_masked_in(student_tokenizer: Any,  # noqa: ANN401
+def test_rows_tokenize_with_the_completion_masked_in(student_tokenizer: Any,
                                                       colour_rows: list[dict]) -> None:
     ids, prompt_len = tokenize_row(student_tokenizer, colour_rows[0])
     assert student_tokenizer.decode(ids[prompt_len:]) == "green<|im_end|>\n"
@@ -157,7 +157,7 @@ def test_rows_tokenize_with_the_completion_masked_in(student_tokenizer: Any,  # 
     assert ids[:prompt_len] == list(prompt_ids)
 
 
-def test_over_long_rows_are_dropped_not_truncated(student_tokenizer: Any,  # noqa: ANN401
+def test_over_long_rows_are_dropped_not_truncated(student_tokenizer: Any,
                                                   colour_rows: list[dict]) -> None:
     long_row = dict(colour_rows[0], prompt=[{"role": "user", "content": "word " * 200}])
     dataset, dropped = build_dataset(student_tokenizer, [*colour_rows, long_row], max_length=64)
@@ -247,3 +247,19 @@ def test_dpo_moves_the_sft_adapter(student_dir: Path, colour_rows: list[dict],
     assert any(not torch.equal(before[k], after[k]) for k in before)
     config = json.loads((result.out_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(student_dir.resolve())
+
+
+def test_banking77_bench_rows_fit_the_trainer(banking77_dir: Path, student_tokenizer: Any) -> None:
+    from bench.trainer_throughput import BenchArgs, load_rows
+
+    args = BenchArgs(data=banking77_dir, base_dir=Path("unused"), budget_s=1.0, train_rows=64,
+                     eval_rows=16, batch_size=16, learning_rate=1e-3, max_length=64,
+                     prompt="short", seed=0, threads=1, clock="wall")
+    train, held_out, labels = load_rows(args)
+    categories = set(json.loads((banking77_dir / "categories.json").read_text()))
+    assert len(train) == 64 and len(held_out) == len(labels) == 16
+    assert {row["completion"][0]["content"] for row in train} <= categories
+    assert [row["completion"][0]["content"] for row in held_out] == labels
+    dataset, dropped = build_dataset(student_tokenizer, train, max_length=64)
+    assert dropped < len(train) // 5  # ~6% of BANKING77 rows pass 64 tokens with the short prompt
+    assert len(dataset) == len(train) - dropped

@@ -627,6 +627,35 @@ def through(http: TestClient) -> httpx.MockTransport:
     return httpx.MockTransport(forward)
 
 
+def test_calibrated_threshold_travels_with_its_version_through_rollback_and_restart(env: Env) -> None:
+    async def scenario() -> None:
+        registry = await _registered(env)
+        await registry.calibrate("support@v1", -0.8)
+        await registry.promote("support", "support@v1")
+        await registry.calibrate("support@v2", -0.3)
+        await registry.promote("support", "support@v2")
+        async with registry.lease("support", "c") as lease:
+            assert (lease.version, lease.min_confidence) == ("support@v2", -0.3)
+        await registry.rollback("support")
+        async with registry.lease("support", "c") as lease:
+            assert (lease.version, lease.min_confidence) == ("support@v1", -0.8)
+        async with registry.lease("base", "c") as lease:
+            assert lease.min_confidence is None  # never calibrated: router.min_confidence applies
+        with pytest.raises(AdapterError):
+            await registry.calibrate("support@v1", float("nan"))
+        with pytest.raises(NotFound):
+            await registry.calibrate("support@v9", -1.0)
+        await registry.calibrate("support@v2", None)
+        await registry.close()
+        reopened = env.registry()
+        await reopened.reload_all()
+        stored = {status.version.name: status.version.min_confidence for status in reopened.list()[0]}
+        assert (stored["support@v1"], stored["support@v2"]) == (-0.8, None)
+        await reopened.close()
+
+    arun(scenario())
+
+
 def test_admin_routes_and_cli_round_trip(env: Env) -> None:
     env.adapter("v1")
     env.adapter("v2")
@@ -639,7 +668,13 @@ def test_admin_routes_and_cli_round_trip(env: Env) -> None:
         assert (change["version"], change["previous"]) == ("support@v1", None)
         assert format_change(client.promote("support", "support@v2")) == "support: support@v1 -> support@v2"
         assert client.rollback("support")["version"] == "support@v1"
+        assert client.calibrate("support@v1", -0.5)["min_confidence"] == -0.5
+        out = io.StringIO()
+        run(argparse.Namespace(adapters_command="calibrate", version="support@v1", min_confidence=None,
+                               clear=True, json=False), client, out)
+        assert out.getvalue() == "support@v1: cascade threshold None\n"
         listing = client.list()
+        assert next(v for v in listing["data"] if v["name"] == "support@v1")["min_confidence"] is None
         assert listing["aliases"] == [{"task": "base", "tenant": None, "version": BASE_VERSION},
                                       {"task": "support", "tenant": None, "version": "support@v1"}]
         table = format_list(listing).splitlines()

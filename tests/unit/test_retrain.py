@@ -14,9 +14,9 @@ from feedback.store import open_database
 from tests.conftest import make_settings
 from tests.feedback.conftest import LogSeed
 from trainer.config import SFTRunConfig, TrainResult
-from trainer.evaluate import EvalResult, evaluate, normalise
+from trainer.evaluate import ChatAnswer, EvalResult, ScoredRow, evaluate, normalise
 from trainer.gateway_client import ServedAdapter
-from trainer.retrain import Cycle, RetrainOptions, decide, parse_every, retrain_lock, run_forever
+from trainer.retrain import Cycle, RetrainOptions, cascade_threshold, decide, parse_every, retrain_lock, run_forever
 
 LABELS = ["card_arrival", "lost_card", "top_up_failed", "exchange_rate"]
 
@@ -30,6 +30,8 @@ class FakeGateway:
         self.alias: str | None = None
         self.registered: list[str] = []
         self.promoted: list[str] = []
+        self.thresholds: dict[str, float | None] = {}
+        self.confidence = lambda answer, messages: -0.1 if answer == truth(messages) else -2.0
 
     def current(self, task: str) -> ServedAdapter | None:
         if self.alias is None:
@@ -46,10 +48,16 @@ class FakeGateway:
         self.alias = version
         return {"version": version}
 
+    def calibrate(self, version: str, min_confidence: float | None) -> dict[str, Any]:
+        self.thresholds[version] = min_confidence
+        return {"name": version, "min_confidence": min_confidence}
+
     def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int,
-             response_format: dict[str, Any] | None = None) -> str:
+             response_format: dict[str, Any] | None = None) -> ChatAnswer:
         version = model.removeprefix("student:")
-        return self.answers[version](messages)
+        answer = self.answers[version](messages)
+        confidence = self.confidence(answer, messages)
+        return ChatAnswer(answer, confidence, confidence)
 
 
 def fake_trainer(calls: list[Any]):  # noqa: ANN201
@@ -110,6 +118,9 @@ def test_better_candidate_is_promoted_and_recorded(settings) -> None:  # noqa: A
     assert run["status"] == "promoted" and run["candidate"] == "intents@v1" and run["parent"] == "base@v0"
     assert json.loads(run["data_counts"])["sft.train.jsonl"] > 0
     assert run["data_hash"] and json.loads(run["hyperparameters"])["sft"]["learning_rate"] > 0
+    timings = json.loads(run["metrics"])["timings"]
+    assert set(timings) == {"data_s", "train_s", "evaluate_s"} and min(timings.values()) >= 0
+    assert "wall time" in report.summary() and "train " in report.summary()
 
 
 def test_worse_candidate_is_rejected_and_alias_stays(settings) -> None:  # noqa: ANN001
@@ -163,7 +174,7 @@ def test_normalise_and_evaluate_count_errors_as_wrong() -> None:
         def chat(self, model, messages, max_tokens, response_format=None):  # noqa: ANN001, ANN201
             if messages[-1]["content"] == "boom":
                 raise RuntimeError("down")
-            return "yes"
+            return ChatAnswer("yes")
 
     rows = [{"prompt": [{"role": "user", "content": c}], "completion": [{"role": "assistant", "content": "yes"}]}
             for c in ("a", "boom", "c")]
@@ -186,3 +197,52 @@ def test_schedule_parsing_and_loop() -> None:
     sleeps: list[float] = []
     run_forever(lambda: Done(), 5.0, sleep=sleeps.append, max_cycles=3)  # type: ignore[arg-type,return-value]
     assert sleeps == [5.0, 5.0]
+
+
+def test_promotion_gives_the_candidate_its_own_cascade_threshold(tmp_path) -> None:  # noqa: ANN001
+    # Right answers come with confidence -0.1, wrong ones with -2.0: the threshold must keep the
+    # first on the student and escalate the second. 400 rows: enough held-out ones to calibrate.
+    settings = make_settings(tmp_path / "home")
+    seed_labelled_traffic(settings.db_path, 400)
+
+    def mostly_right(messages: list[dict]) -> str:
+        return "lost_card" if truth(messages) == "exchange_rate" else truth(messages)
+
+    gateway = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": mostly_right})
+    report = cycle(settings, gateway, []).run()
+    assert report.status == "promoted", report.reason
+    assert report.metrics["candidate_heldout"]["rows"] >= 20
+    threshold = gateway.thresholds["intents@v1"]
+    assert threshold is not None and -2.0 < threshold < -0.1
+    calibration = report.metrics["calibration"]
+    assert calibration["min_confidence"] == threshold and calibration["reached_target"]
+    assert 0 < calibration["teacher_share"] < 0.5 and calibration["quality"] >= 0.95
+    [run] = runs(settings)
+    assert json.loads(run["metrics"])["calibration"]["min_confidence"] == threshold
+
+
+def test_rejected_candidate_keeps_no_threshold_and_calibration_can_be_off(tmp_path) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"intents@v1": truth, "intents@v2": lambda m: "lost_card"})
+    gateway.alias, gateway.registered = "intents@v1", ["intents@v1"]
+    rejecting = make_settings(tmp_path / "a")
+    seed_labelled_traffic(rejecting.db_path, 120)
+    assert cycle(rejecting, gateway, []).run().status == "rejected"
+    assert gateway.thresholds == {}
+
+    off = make_settings(tmp_path / "b", router={"calibrate_target_quality": None})
+    seed_labelled_traffic(off.db_path, 120)
+    fresh = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": truth})
+    report = cycle(off, fresh, []).run()
+    assert report.status == "promoted" and fresh.thresholds == {} and "calibration" not in report.metrics
+
+
+def test_cascade_threshold_needs_enough_rows_with_confidence() -> None:
+    few = EvalResult("m", 10, 5, 0, tuple(ScoredRow(i % 2 == 0, -0.5, -1.0) for i in range(10)))
+    assert cascade_threshold(few, 0.95, "mean") is None
+    rows = tuple(ScoredRow(i % 4 != 0, -3.0 if i % 4 == 0 else -0.2, -5.0 if i % 4 == 0 else -0.4)
+                 for i in range(40))
+    by_mean = cascade_threshold(EvalResult("m", 40, 30, 0, rows), 0.95, "mean")
+    by_min = cascade_threshold(EvalResult("m", 40, 30, 0, rows), 0.95, "min")
+    assert by_mean is not None and -3.0 < by_mean.min_confidence < -0.2
+    assert by_min is not None and -5.0 < by_min.min_confidence < -0.4
+    assert by_mean.teacher_share == pytest.approx(0.25)

@@ -126,13 +126,17 @@ def _seed_tiny_task(db_path: Path, task: str) -> None:
     seed = LogSeed(db)
     rng = random.Random(7)
     now = time.time()
-    for i in range(160):
+    for i in range(240):  # ~24 held out: enough to calibrate the promoted version's threshold
         word, label = (rng.choice(FRUITS), "fruit") if i % 2 else (rng.choice(ANIMALS), "animal")
         rid = seed.request(f"{task}-{i}", f"Item {i}: {word}. Fruit or animal?", answer="I think so.",
                            adapter=task, adapter_version="base@v0", caller=f"c{i % 6}",
                            created_at=now - 500 + i, system="Answer with one word: fruit or animal.")
         seed.feedback(rid, -1, correction=label)
     db.conn.close()
+
+
+def _threshold(admin: GatewayClient, version: str | None) -> float | None:
+    return next(v["min_confidence"] for v in admin.list()["data"] if v["name"] == version)
 
 
 def shuffled(train: Any) -> Any:
@@ -160,6 +164,8 @@ def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(e
         good = Cycle(settings, options, admin, train_sft=train_sft).run()
         assert good.status == "promoted", good.summary()
         assert good.metrics["candidate_heldout"]["accuracy"] > good.metrics["current_heldout"]["accuracy"]
+        threshold = good.metrics["calibration"]["min_confidence"]
+        assert threshold < 0 and _threshold(admin, good.candidate) == threshold
         question = [{"role": "system", "content": "Answer with one word: fruit or animal."},
                     {"role": "user", "content": "Item 999: mango. Fruit or animal?"}]
         served = sdk.chat.completions.create(model=f"student:{task}", messages=question,
@@ -177,6 +183,8 @@ def test_retrain_promotes_a_better_adapter_rejects_a_broken_one_and_rolls_back(e
         assert admin.current(task).name == broken.candidate
         change = admin.rollback(task)
         assert change["version"] == good.candidate and admin.current(task).name == good.candidate
+        assert _threshold(admin, broken.candidate) is None  # never promoted by the retrain
+        assert _threshold(admin, admin.current(task).name) == threshold  # restored with its version
         again = sdk.chat.completions.create(model=f"student:{task}", messages=question,
                                                               temperature=0, max_tokens=8)
         assert again.choices[0].message.content == served.choices[0].message.content
