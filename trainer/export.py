@@ -17,7 +17,6 @@ temporary folder next to ``out_dir`` and renamed into place at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.adapter_export import PROVENANCE_FILE, ExportSource, check_out_dir
 from gateway.adapter_files import sha256_file
 from gateway.errors import ExportError
-from trainer.model_prep import MARKER, ModelPrepError, load_base, locate_gguf
+from trainer.model_prep import MARKER, ModelPrepError, load_base, locate_gguf, replace_dir
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
     import numpy as np
@@ -131,18 +130,8 @@ def _base_gguf_sha256(base_dir: Path) -> str | None:
 
 
 def _publish(tmp_dir: Path, out_dir: Path, force: bool) -> None:
-    # mkdtemp's 0700 would hide the model from a server running as another user.
-    tmp_dir.chmod(0o755)
-    for path in tmp_dir.iterdir():
-        path.chmod(0o644)
     check_out_dir(out_dir, force)  # again: something may have appeared there during the merge
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp_dir, out_dir)
 
 
 # -- GGUF -----------------------------------------------------------------------------------------

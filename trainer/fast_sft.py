@@ -33,6 +33,7 @@ from trainer.lora import attach_lora, check_adapter_dir, save_adapter
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Row = dict[str, Any]
@@ -236,7 +237,7 @@ def _trainer_classes() -> tuple[type, type]:
     return CompletionOnlySFTTrainer, TimeBudget
 
 
-def _quiet_logging(trainer: Any) -> None:
+def quiet_logging(trainer: Any) -> None:
     """Send the Trainer's log lines to our logger instead of print() on stdout."""
     from transformers import PrinterCallback, TrainerCallback
 
@@ -301,7 +302,7 @@ def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     trainer = trainer_cls(model=model, args=sft_arguments(config, scratch_dir),
                           train_dataset=dataset, processing_class=tokenizer)
     trainer.share_prefix = config.share_prefix
-    _quiet_logging(trainer)
+    quiet_logging(trainer)
     if config.time_budget_s is not None:
         clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
         trainer.add_callback(budget_cls(config.time_budget_s, clock))
@@ -441,16 +442,23 @@ def train_dpo(base_dir: Path, pairs: Sequence[Row], out_dir: Path, config: DPORu
         )
         trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
-        _quiet_logging(trainer)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        output = trainer.train()
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        quiet_logging(trainer)
+        return run_preference_trainer(trainer, policy, Path(base_dir), Path(out_dir),
+                                      len(pairs) * max(1, math.ceil(config.epochs)), config.batch_size)
+
+
+def run_preference_trainer(trainer: Any, policy: PeftModel, base_dir: Path, out_dir: Path,
+                           max_examples: int, batch_size: int) -> TrainResult:
+    """Train a DPO/KTO ``trainer`` whose policy continues an adapter, then save only that adapter
+    (TRL keeps a frozen copy of it as "ref", the reference policy)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    output = trainer.train()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if "ref" in policy.peft_config:
-        policy.delete_adapter("ref")  # save only the trained adapter
-    save_adapter(policy, Path(out_dir), Path(base_dir))
-    steps = max(int(output.global_step), 1)
-    examples = min(steps * config.batch_size, len(pairs) * max(1, math.ceil(config.epochs)))
-    return TrainResult(out_dir=Path(out_dir), examples=examples, seconds=seconds,
+        policy.delete_adapter("ref")
+    save_adapter(policy, out_dir, base_dir)
+    examples = min(max(int(output.global_step), 1) * batch_size, max_examples)
+    return TrainResult(out_dir=out_dir, examples=examples, seconds=seconds,
                        examples_per_s=examples / seconds if seconds > 0 else 0.0, tokens=0,
-                       cpu_seconds=cpu,
-                       peak_rss_bytes=peak_rss_bytes(), final_loss=float(output.training_loss))
+                       cpu_seconds=cpu, peak_rss_bytes=peak_rss_bytes(),
+                       final_loss=float(output.training_loss))

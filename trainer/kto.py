@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import random
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.config import KTORunConfig, TrainResult
-from trainer.fast_sft import _quiet_logging, load_for_training, peak_rss_bytes, set_threads
-from trainer.lora import attach_lora, save_adapter
+from trainer.fast_sft import load_for_training, quiet_logging, run_preference_trainer, set_threads
+from trainer.lora import attach_lora
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -94,7 +93,7 @@ def make_kto_trainer(policy: PeftModel, tokenizer: PreTrainedTokenizerBase, rows
     random.Random(config.seed).shuffle(shuffled)
     trainer = KTOTrainer(model=policy, args=kto_arguments(config, scratch_dir, weights),
                          train_dataset=Dataset.from_list(shuffled), processing_class=tokenizer)
-    _quiet_logging(trainer)
+    quiet_logging(trainer)
     return trainer
 
 
@@ -115,15 +114,5 @@ def train_kto(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: KTORun
     policy = attach_lora(model, config.lora, init_adapter)
     with tempfile.TemporaryDirectory(prefix="protege-kto-") as scratch:
         trainer = make_kto_trainer(policy, tokenizer, rows, config, Path(scratch))
-        started, cpu_started = time.perf_counter(), time.process_time()
-        output = trainer.train()
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    if "ref" in policy.peft_config:
-        policy.delete_adapter("ref")  # save only the trained adapter
-    save_adapter(policy, Path(out_dir), Path(base_dir))
-    steps = max(int(output.global_step), 1)
-    examples = min(steps * config.batch_size, len(rows) * max(1, math.ceil(config.epochs)))
-    return TrainResult(out_dir=Path(out_dir), examples=examples, seconds=seconds,
-                       examples_per_s=examples / seconds if seconds > 0 else 0.0, tokens=0,
-                       cpu_seconds=cpu, peak_rss_bytes=peak_rss_bytes(),
-                       final_loss=float(output.training_loss))
+        return run_preference_trainer(trainer, policy, Path(base_dir), Path(out_dir),
+                                      len(rows) * max(1, math.ceil(config.epochs)), config.batch_size)

@@ -169,7 +169,7 @@ def is_prepared(out_dir: Path, gguf_sha256: str | None = None) -> bool:
         return False
 
 
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
     # mkdtemp makes a 0700 folder; the vLLM server may run as another user and must read it.
     tmp_dir.chmod(0o755)
     for path in tmp_dir.iterdir():
@@ -204,7 +204,7 @@ def prepare_student(out_dir: Path, gguf_path: Path | None = None,
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             _convert(gguf, digest, tmp_dir)
-            _replace_dir(tmp_dir, out_dir)
+            replace_dir(tmp_dir, out_dir)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
@@ -250,7 +250,7 @@ def make_identity_adapter(base_dir: Path, out_dir: Path, rank: int = 16,
         peft_model.save_pretrained(tmp_dir, safe_serialization=True)
         _set_adapter_base(tmp_dir, base_dir)
         (tmp_dir / ADAPTER_MARKER).write_text(json.dumps({"kind": "identity", "rank": rank}))
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
