@@ -90,7 +90,7 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
         "router": {"min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
         "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, min(args.cycle_sizes) // 2),
                     "sft_learning_rate": args.learning_rate, "sft_epochs": args.epochs,
-                    "init_from": args.init_from},
+                    "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs},
     }
     path = home / "protege.yaml"
     home.mkdir(parents=True, exist_ok=True)
@@ -263,6 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Cascade threshold of versions without their own (base@v0): 0 sends all to the teacher.")
     parser.add_argument("--target-quality", type=float, default=0.95,
                         help="router.calibrate_target_quality: each promoted version's threshold is set for it.")
+    parser.add_argument("--dpo-min-pairs", type=int, default=64,
+                        help="trainer.dpo_min_pairs; a large number skips DPO (slow on CPU, see docs/trainer.md).")
     parser.add_argument("--init-from", choices=["current", "base"], default="current",
                         help="Each retrain continues the served adapter, or starts from the base.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)

@@ -221,10 +221,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def poisoned_rows(manifest: Manifest, poison: dict[str, str]) -> dict[str, int]:
-    """Poisoned rows per data set file, matched by the poisoner's caller and request id."""
+    """Poisoned rows per data set file: rows taught by one of the poisoner's corrections (a
+    poisoned request whose correction was overruled still yields the teacher's clean row)."""
     counts: dict[str, int] = {}
     for entry in read_jsonl(manifest.path / PROVENANCE):
-        if entry["caller"] == POISONER and entry["request_id"] in poison:
+        if entry["caller"] == POISONER and entry["request_id"] in poison and entry["source"] == "correction":
             counts[entry["file"]] = counts.get(entry["file"], 0) + 1
     return counts
 

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="500,2000", help="Cumulative logged requests before each cycle.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--dpo-min-pairs", type=int, default=64,
+                        help="trainer.dpo_min_pairs (every seeded escalation has a draft, so each is a pair); "
+                        "a large number measures SFT-only cycles.")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +97,9 @@ class BuildOptions:
     carry_regression: bool = True
     # Callers whose traffic never becomes training data (evaluation harnesses, canaries).
     exclude_callers: frozenset[str] = frozenset()
+    # "drop": a caller's correction that contradicts the teacher's own answer to that request is
+    # not trained on (one caller cannot overrule the teacher); "keep": corrections always win.
+    corrections_against_teacher: str = "drop"
     clock: Callable[[], float] = time.time
 
     def describe(self) -> dict[str, Any]:
@@ -112,6 +115,7 @@ class BuildOptions:
             "min_judge_score": self.min_judge_score if self.judge is not None else None,
             "carry_regression": self.carry_regression,
             "exclude_callers": sorted(self.exclude_callers),
+            "corrections_against_teacher": self.corrections_against_teacher,
         }
 
 
@@ -217,6 +221,7 @@ def options_from_settings(
         holdout_share=settings.trainer.holdout_share,
         per_caller_cap=settings.trainer.per_caller_cap,
         exclude_callers=frozenset(settings.trainer.exclude_callers),
+        corrections_against_teacher=settings.trainer.corrections_against_teacher,
         scrub_pii=settings.trainer.scrub_pii,
         near_dup_threshold=settings.trainer.near_dup_threshold,
         length=LengthRule(max_total_chars=4 * settings.student.vllm_max_model_len),
@@ -304,6 +309,10 @@ def _collect(conn: Any, options: BuildOptions, current: str | None, tally: _Tall
         if prompt is None:
             tally.requests[f"skipped:{problem}"] += 1
             continue
+        if options.corrections_against_teacher == "drop" and row.correction_contradicts_teacher():
+            # The teacher's answer stays the target; the correction is counted, not trained on.
+            tally.requests["correction_overruled_by_teacher"] += 1
+            row = replace(row, correction=None)
         examples = candidates_for(row, prompt, current)
         tally.requests["with_signal" if examples else "no_signal"] += 1
         for example in examples:

@@ -71,6 +71,23 @@ class LogRow:
     def usable_shadow(self) -> str | None:
         return self.shadow_answer if self.shadow_error is None else None
 
+    def correction_contradicts_teacher(self) -> bool:
+        """Whether the caller's correction disagrees with the teacher's own answer to this request
+        (the answer it served, or its shadow answer)."""
+        teacher = self.answer if self.route == "teacher" else self.usable_shadow
+        if self.correction is None or teacher is None:
+            return False
+        return _comparable(self.correction) != _comparable(teacher)
+
+
+def _comparable(text: str) -> Any:
+    """Answers compared as JSON values when they are JSON, else as whitespace-normalised text."""
+    stripped = text.strip()
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        return " ".join(stripped.split())
+
 
 @dataclass(frozen=True)
 class Example:

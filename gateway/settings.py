@@ -292,6 +292,12 @@ class TrainerSettings(_Section):
         description="Caller key ids whose traffic never becomes training data (evaluation "
         "harnesses, canaries).",
     )
+    corrections_against_teacher: Literal["drop", "keep"] = Field(
+        "drop",
+        description="A caller's correction that contradicts the teacher's own answer to the same "
+        "request (served, or shadow-sampled) is not trained on (`drop`: one caller cannot "
+        "overrule the teacher; counted in the data set's manifest) or wins (`keep`).",
+    )
     holdout_share: float = Field(
         0.1,
         ge=0,

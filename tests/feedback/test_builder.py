@@ -392,3 +392,21 @@ def test_held_out_file_from_few_callers_relaxes_the_cap_but_train_does_not(
             for i in range(3)]
     assert len(_capped(rows, "sft", tally, relax_to_file=True)) == 3
     assert _capped(rows, "sft", tally) == []
+
+
+def test_a_correction_contradicting_the_teacher_is_dropped_unless_corrections_are_trusted() -> None:
+    from feedback.datasets import LogRow
+
+    def row(route: str, answer: str, correction: str | None, shadow: str | None = None) -> LogRow:
+        return LogRow(id="r", created_at=0.0, caller="c", route=route, adapter="t", adapter_version=None,
+                      messages=None, params=None, answer=answer, draft=None, completion_tokens=None,
+                      rating=-1.0, correction=correction, preferred=None, shadow_answer=shadow,
+                      shadow_finish_reason=None, shadow_error=None)
+
+    assert row("teacher", '{"intent": "a"}', '{"intent":"b"}').correction_contradicts_teacher()
+    assert not row("teacher", '{"intent": "a"}', ' {"intent":"a"}').correction_contradicts_teacher()
+    assert not row("teacher", "Paris.", "Paris.\n").correction_contradicts_teacher()
+    assert not row("student", "x", "y").correction_contradicts_teacher()  # no teacher opinion to go on
+    assert row("student", "x", "y", shadow="x").correction_contradicts_teacher()
+    assert not row("student", "x", "y", shadow="y").correction_contradicts_teacher()
+    assert not row("teacher", "a", None).correction_contradicts_teacher()

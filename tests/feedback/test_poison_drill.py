@@ -85,9 +85,25 @@ def test_poison_plan_is_nested_and_flips_to_the_neighbour_label() -> None:
         assert wrong == data.labels[(data.labels.index(request.label) + 1) % len(data.labels)]
 
 
-def test_quick_drill_counts_the_poison_that_reaches_training_and_gates_it(tmp_path: Path) -> None:
+def test_by_default_no_poisoned_correction_reaches_training(tmp_path: Path) -> None:
+    # Every poisoned correction contradicts the teacher's own answer (served or shadow) to that
+    # request: with trainer.corrections_against_teacher = "drop" none is trained or scored on.
     data = synthetic_data()
     settings = load_settings(overrides={"home": str(tmp_path / "home")}, environ={})
+    results = run_drill(QUICK, data, settings, MemorisingStudent(), tmp_path / "work")
+    assert [r.poisoned_in_log for r in results] == [0, 1, 2, 10]
+    assert [(r.poisoned_in_train, r.poisoned_in_eval) for r in results] == [(0, 0)] * 4
+    assert [r.accuracy for r in results[1:]] == [results[0].accuracy] * 3
+    manifest = json.loads((Path(results[-1].data_dir) / "manifest.json").read_text())
+    assert manifest["requests"]["correction_overruled_by_teacher"] == 10
+
+
+def test_quick_drill_counts_the_poison_that_reaches_training_and_gates_it(tmp_path: Path) -> None:
+    # With corrections allowed to overrule the teacher, the poison gets in: the cap and the gate
+    # are what is left, and the drill measures them.
+    data = synthetic_data()
+    settings = load_settings(overrides={"home": str(tmp_path / "home"),
+                                        "trainer": {"corrections_against_teacher": "keep"}}, environ={})
     student = MemorisingStudent()
 
     results = run_drill(QUICK, data, settings, student, tmp_path / "work")
