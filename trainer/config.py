@@ -66,7 +66,7 @@ class SFTRunConfig:
         "Run the tokens that all rows of a batch begin with (the system prompt, typically) once "
         "per batch, as a KV cache, instead of once per row. Exact; padded batches only."))
     threads: int | None = field(default=None, metadata=_help(
-        "torch intra-op threads; None: the usable cores not already busy (load average), at "
+        "torch intra-op threads; None: the usable cores not busy right now (/proc/stat over 0.5 s), at "
         "least 1. OpenMP threads spin-wait, so sharing a busy core costs far more than it gives."))
     seed: int = field(default=0, metadata=_help("Seed of the shuffle and the LoRA initialisation."))
     logging_steps: int = field(default=10, metadata=_help("Steps between loss log lines."))

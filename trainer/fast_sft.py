@@ -44,17 +44,38 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def idle_cores() -> int:
-    """Usable cores not already kept busy by other processes (1-minute load average), at least 1.
+def idle_cores(busy_cores: Callable[[], float] | None = None) -> int:
+    """Usable cores not kept busy right now by other processes, at least 1.
 
     OpenMP threads spin-wait for each other: with one thread per core and another process on one
     of the cores, a step runs several times slower than with one thread (docs/trainer.md).
+    Measured over a short window, not with the load average: that lags by a minute, and a
+    retrain starts right after its own evaluation kept vLLM busy.
     """
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = (busy_cores or cpu_busy_now)()
     return max(1, usable_cores() - int(busy + 0.5))
+
+
+def cpu_busy_now(window_s: float = 0.5) -> float:
+    """Cores busy during the next ``window_s`` seconds (all processes; this one is asleep), from
+    /proc/stat; the 1-minute load average where there is no /proc."""
+    try:
+        before = _cpu_jiffies()
+        time.sleep(window_s)
+        after = _cpu_jiffies()
+    except OSError:
+        return os.getloadavg()[0]
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return os.cpu_count() * busy / total if total > 0 else 0.0  # type: ignore[operator]
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as handle:
+        # user nice system idle iowait irq softirq steal (guest time is already in user)
+        fields = [int(value) for value in handle.readline().split()[1:9]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
 
 
 def set_threads(threads: int | None) -> int:

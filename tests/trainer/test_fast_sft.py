@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from trainer.config import DPORunConfig, LoraPlacement, SFTRunConfig
 from trainer.fast_sft import (
     build_dataset,
     completion_nll,
+    cpu_busy_now,
     generate_greedy,
+    idle_cores,
     label_accuracy,
     load_for_training,
     make_sft_trainer,
@@ -23,6 +26,7 @@ from trainer.fast_sft import (
     tokenize_row,
     train_dpo,
     train_sft,
+    usable_cores,
 )
 from trainer.lora import attach_lora, layer_indices, lora_config
 from trainer.model_prep import greedy_completion
@@ -263,3 +267,11 @@ def test_banking77_bench_rows_fit_the_trainer(banking77_dir: Path, student_token
     dataset, dropped = build_dataset(student_tokenizer, train, max_length=64)
     assert dropped < len(train) // 5  # ~6% of BANKING77 rows pass 64 tokens with the short prompt
     assert len(dataset) == len(train) - dropped
+
+
+def test_threads_go_to_the_cores_nothing_else_is_using() -> None:
+    cores = usable_cores()
+    assert idle_cores(lambda: 0.0) == cores
+    assert idle_cores(lambda: 0.9) == max(1, cores - 1)
+    assert idle_cores(lambda: 64.0) == 1  # never fewer than one
+    assert 0.0 <= cpu_busy_now(0.05) <= (os.cpu_count() or 1) + 0.01
