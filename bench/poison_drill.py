@@ -52,14 +52,13 @@ from bench.banking77 import (
     load_split,
     messages_for,
 )
+from bench.loop import REPO_ROOT, TASK
 from feedback.builder import PROVENANCE, Manifest, build_datasets, options_from_settings
 from feedback.store import open_database
 from gateway.settings import Settings, load_settings
 from trainer.config import SFTRunConfig
 from trainer.evaluate import EvalResult, expected_answer, normalise
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TASK = "banking77"
 CURRENT_VERSION = f"{TASK}@v1"  # the adapter that served the student-routed traffic
 POISONER = "poisoner"
 T0 = 1_750_000_000.0  # fixed timestamps: every run's log is the same traffic

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 from gateway.adapter_export import PROVENANCE_FILE, ExportSource, check_out_dir
 from gateway.adapter_files import sha256_file
 from gateway.errors import ExportError
-from trainer.model_prep import MARKER, ModelPrepError, load_base, locate_gguf, replace_dir
+from trainer.model_prep import (
+    MARKER,
+    ModelPrepError,
+    load_base,
+    locate_gguf,
+    replace_dir,
+)
 
 if TYPE_CHECKING:  # heavy imports stay out of import time
     import numpy as np

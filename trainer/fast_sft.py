@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.config import DPORunConfig, SFTRunConfig, TrainResult
+from trainer.config import DPORunConfig, LoraPlacement, SFTRunConfig, TrainResult
 from trainer.lora import attach_lora, check_adapter_dir, save_adapter
 
 if TYPE_CHECKING:
@@ -348,6 +348,17 @@ def run_trainer(trainer: Any, out_dir: Path) -> TrainResult:
     )
 
 
+def seeded_lora_model(base_dir: Path, placement: LoraPlacement, init_adapter: Path | None,
+                      threads: int | None, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Threads and seed set, the base loaded, a trainable LoRA attached (fresh or continued)."""
+    from transformers import set_seed
+
+    set_threads(threads)
+    set_seed(seed)
+    model, tokenizer = load_for_training(base_dir)
+    return attach_lora(model, placement, init_adapter), tokenizer
+
+
 def train_sft(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: SFTRunConfig,
               init_adapter: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on prompt/completion rows and save it (standard peft) to ``out_dir``.
@@ -356,12 +367,8 @@ def train_sft(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: SFTRun
     "completion": [{"role": "assistant", "content": ...}]}``; loss is on the completion only.
     ``init_adapter`` continues training an existing adapter (its rank/placement are kept).
     """
-    from transformers import set_seed
-
-    set_threads(config.threads)
-    set_seed(config.seed)
-    model, tokenizer = load_for_training(Path(base_dir))
-    peft_model = attach_lora(model, config.lora, init_adapter)
+    peft_model, tokenizer = seeded_lora_model(Path(base_dir), config.lora, init_adapter, config.threads,
+                                              config.seed)
     with tempfile.TemporaryDirectory(prefix="protege-sft-") as scratch:
         trainer = make_sft_trainer(peft_model, tokenizer, rows, config, Path(scratch))
         result = run_trainer(trainer, Path(out_dir))

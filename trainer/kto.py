@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.config import KTORunConfig, TrainResult
-from trainer.fast_sft import load_for_training, quiet_logging, run_preference_trainer, set_threads
-from trainer.lora import attach_lora
+from trainer.fast_sft import quiet_logging, run_preference_trainer, seeded_lora_model
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -106,12 +105,7 @@ def train_kto(base_dir: Path, rows: Sequence[Row], out_dir: Path, config: KTORun
     continue; None starts a fresh LoRA on the base (zero-initialised, so the reference is the
     base itself, as ``base@v0`` serves it).
     """
-    from transformers import set_seed
-
-    set_threads(config.threads)
-    set_seed(config.seed)
-    model, tokenizer = load_for_training(Path(base_dir))
-    policy = attach_lora(model, config.lora, init_adapter)
+    policy, tokenizer = seeded_lora_model(Path(base_dir), config.lora, init_adapter, config.threads, config.seed)
     with tempfile.TemporaryDirectory(prefix="protege-kto-") as scratch:
         trainer = make_kto_trainer(policy, tokenizer, rows, config, Path(scratch))
         return run_preference_trainer(trainer, policy, Path(base_dir), Path(out_dir),

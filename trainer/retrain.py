@@ -228,9 +228,8 @@ class Cycle:
         current = self.gateway.current(opts.task)
         parent = current.name if current else BASE_ADAPTER
         report.parent = parent
-        phase_started = self.clock()
-        manifest, new = self._build_data(since, parent)
-        report.timings["data_s"] = self.clock() - phase_started
+        with self._timed(report, "data_s"):
+            manifest, new = self._build_data(since, parent)
         row.update(data_version=manifest.version, data_hash=manifest.content_hash,
                    data_counts=json.dumps({n: f["rows"] for n, f in manifest.files.items()}),
                    data_until=self.clock(), base_fingerprint=manifest.base_model)
@@ -246,15 +245,21 @@ class Cycle:
             init = current.path if current else None
         else:
             init = current.path if current and opts.init_from == "current" else None
-        phase_started = self.clock()
-        candidate_dir, report.method = self._train(manifest, method, init)
-        report.timings["train_s"] = self.clock() - phase_started
+        with self._timed(report, "train_s"):
+            candidate_dir, report.method = self._train(manifest, method, init)
         row.update(hyperparameters=json.dumps({**self._hyperparameters(), "method": report.method}, default=str))
         served = self.gateway.register(opts.task, str(candidate_dir.relative_to(self.settings.adapters_dir)))
         report.candidate = served.name
-        phase_started = self.clock()
-        self._evaluate_and_decide(report, manifest, parent)
-        report.timings["evaluate_s"] = self.clock() - phase_started
+        with self._timed(report, "evaluate_s"):
+            self._evaluate_and_decide(report, manifest, parent)
+
+    @contextmanager
+    def _timed(self, report: CycleReport, phase: str) -> Iterator[None]:
+        started = self.clock()
+        try:
+            yield
+        finally:
+            report.timings[phase] = self.clock() - started
 
     def _build_data(self, since: float | None, parent: str) -> tuple[Manifest, NewRows]:
         s = self.settings
