@@ -12,9 +12,13 @@ teacher cost avoided and latency. Output: CSV, a markdown table and a PNG plot i
     python -m bench.loop --quick            # CI smoke run: tiny N, one cycle
     python -m bench.loop --requests-per-cycle 500,1500,2000 --test-sample 300
 
-Cascade thresholds: `router.min_confidence` (default 0.0: every answer of an uncalibrated
-version, base@v0 included, goes to the teacher) until a retrain promotes a version and
-calibrates that version's own threshold for `--target-quality` on its held-out evaluation.
+Routing: the `uncalibrated` policy sends `auto` straight to the teacher while the served version
+has no calibrated cascade threshold (base@v0: no student call at all), until a retrain promotes a
+version and calibrates its own threshold for `--target-quality` on its held-out evaluation; from
+then on the cascade decides after the student answered.
+
+    python -m bench.loop --requests-per-cycle 8000,1000,1000 --sft-budget-s 1500,900,900 \
+        --test-sample 200 --eval-max-rows 200 --concurrency 16 --dpo-min-pairs 1000000000
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class CycleFigures:
     p95_ms: float
     retrain_status: str
     retrain_wall_s: float
+    train_s: float  # of retrain_wall_s, the training itself
     train_requests: int  # user requests sent before this cycle's retrain (cumulative)
     sft_rows: int  # rows the cycle's SFT trained on
     threshold: float | None  # the served version's calibrated cascade threshold
@@ -87,10 +92,12 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
                     "model_dir": str(args.model_dir or load_settings(environ={}).student_model_dir)},
         "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
                     "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},
-        "router": {"min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
+        "router": {"policies": ["explicit", "rules", "uncalibrated", "fallback", "cascade"],
+                   "min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
         "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, min(args.cycle_sizes) // 2),
                     "sft_learning_rate": args.learning_rate, "sft_epochs": args.epochs,
-                    "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs},
+                    "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs,
+                    "eval_max_rows": args.eval_max_rows},
     }
     path = home / "protege.yaml"
     home.mkdir(parents=True, exist_ok=True)
@@ -188,24 +195,30 @@ class RetrainOutcome:
     status: str
     wall_s: float
     sft_rows: int
+    train_s: float = 0.0
 
 
-def run_retrain(config: Path, db_path: Path, log_path: Path) -> RetrainOutcome:
+def run_retrain(config: Path, db_path: Path, log_path: Path, sft_budget_s: float | None) -> RetrainOutcome:
     """One `protege retrain` as its own process; its verdict is read back from retrain_runs."""
     started = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sft_budget_s is not None:
+        env["PROTEGE_TRAINER__SFT_TIME_BUDGET_S"] = str(sft_budget_s)
     with log_path.open("a") as log:
         subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "retrain", "--task", TASK],
-                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, check=False)
+                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False)
     conn = sqlite3.connect(db_path)
     try:
-        row = conn.execute("SELECT status, reason, data_counts FROM retrain_runs ORDER BY started_at DESC LIMIT 1"
-                           ).fetchone()
+        row = conn.execute("SELECT status, reason, data_counts, metrics FROM retrain_runs "
+                           "ORDER BY started_at DESC LIMIT 1").fetchone()
     finally:
         conn.close()
     if row is None:
         return RetrainOutcome("no run recorded", time.monotonic() - started, 0)
     counts = json.loads(row[2] or "{}")
-    return RetrainOutcome(f"{row[0]}: {row[1]}", time.monotonic() - started, int(counts.get("sft.train.jsonl", 0)))
+    timings = json.loads(row[3] or "{}").get("timings", {})
+    return RetrainOutcome(f"{row[0]}: {row[1]}", time.monotonic() - started, int(counts.get("sft.train.jsonl", 0)),
+                          float(timings.get("train_s", 0.0)))
 
 
 def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
@@ -216,12 +229,12 @@ def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     header = ("| cycle | requests | SFT rows | adapter | threshold | student acc | system acc | teacher share "
-              "| cost avoided $ | p50 ms | p95 ms | retrain | retrain s |\n" + "|---" * 13 + "|")
+              "| cost avoided $ | p50 ms | p95 ms | retrain | retrain s (train) |\n" + "|---" * 13 + "|")
     lines = [header] + [
         f"| {f.cycle} | {f.train_requests} | {f.sft_rows} | {f.adapter} | "
         f"{'-' if f.threshold is None else f'{f.threshold:.3f}'} | {f.student_accuracy:.1%} "
         f"| {f.system_accuracy:.1%} | {f.teacher_share:.1%} | {f.teacher_cost_avoided_usd:.4f} | {f.p50_ms:.0f} "
-        f"| {f.p95_ms:.0f} | {f.retrain_status} | {f.retrain_wall_s:.0f} |" for f in figures]
+        f"| {f.p95_ms:.0f} | {f.retrain_status} | {f.retrain_wall_s:.0f} ({f.train_s:.0f}) |" for f in figures]
     table = "\n".join(lines)
     (out / "loop.md").write_text(table + "\n")
     _plot(out / "loop.png", figures)
@@ -259,14 +272,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-sample", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--teacher-error-rate", type=float, default=0.0)
-    parser.add_argument("--min-confidence", type=float, default=0.0,
-                        help="Cascade threshold of versions without their own (base@v0): 0 sends all to the teacher.")
+    parser.add_argument("--min-confidence", type=float, default=None,
+                        help="router.min_confidence: the cascade threshold of versions without their own (they "
+                             "are sent to the teacher by the `uncalibrated` policy before the student is asked).")
     parser.add_argument("--target-quality", type=float, default=0.95,
                         help="router.calibrate_target_quality: each promoted version's threshold is set for it.")
     parser.add_argument("--dpo-min-pairs", type=int, default=64,
                         help="trainer.dpo_min_pairs; a large number skips DPO (slow on CPU, see docs/trainer.md).")
     parser.add_argument("--init-from", choices=["current", "base"], default="current",
                         help="Each retrain continues the served adapter, or starts from the base.")
+    parser.add_argument("--sft-budget-s", default=None,
+                        help="trainer.sft_time_budget_s per retrain: one number, or one per cycle (1500,900,900).")
+    parser.add_argument("--eval-max-rows", type=int, default=300,
+                        help="trainer.eval_max_rows: held-out and regression rows scored per adapter.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -283,6 +301,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(sizes) != args.cycles or min(sizes) < 1:
         parser.error("--requests-per-cycle: one positive number, or one per cycle")
     args.cycle_sizes = sizes
+    budgets = [float(n) for n in str(args.sft_budget_s).split(",")] if args.sft_budget_s else [None]
+    if len(budgets) == 1:
+        budgets *= args.cycles
+    if len(budgets) != args.cycles:
+        parser.error("--sft-budget-s: one number, or one per cycle")
+    args.cycle_budgets = budgets
     return args
 
 
@@ -290,7 +314,8 @@ def measured(cycle: int, url: str, sample: list[Row], labels: list[str], concurr
              retrain: RetrainOutcome, sent: int) -> CycleFigures:
     adapter, threshold = current_adapter(url)
     return CycleFigures(cycle, adapter, **asyncio.run(measure(url, sample, labels, concurrency)),
-                        retrain_status=retrain.status, retrain_wall_s=retrain.wall_s, train_requests=sent,
+                        retrain_status=retrain.status, retrain_wall_s=retrain.wall_s, train_s=retrain.train_s,
+                        train_requests=sent,
                         sft_rows=retrain.sft_rows, threshold=threshold)
 
 
@@ -317,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         figures.append(measured(0, url, sample, labels, args.concurrency, RetrainOutcome("-", 0.0, 0), 0))
         print(write_outputs(args.out, figures), flush=True)
         sent = 0
-        for cycle, size in enumerate(args.cycle_sizes, start=1):
+        for cycle, (size, budget) in enumerate(zip(args.cycle_sizes, args.cycle_budgets, strict=True), start=1):
             sent += asyncio.run(simulate_users(url, train[sent: sent + size], labels, args.concurrency))
-            retrain = run_retrain(config, home / "protege.db", args.out / "retrain.log")
+            retrain = run_retrain(config, home / "protege.db", args.out / "retrain.log", budget)
             figures.append(measured(cycle, url, sample, labels, args.concurrency, retrain, sent))
             print(write_outputs(args.out, figures), flush=True)
     finally:

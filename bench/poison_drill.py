@@ -256,8 +256,8 @@ class AnswerCache:
 
 def score_rows(name: str, rows: Sequence[PromptRow], answers: Sequence[str]) -> EvalResult:
     """As ``trainer.evaluate.evaluate`` scores a served adapter: normalised (JSON as JSON) match."""
-    correct = sum(normalise(a) == normalise(expected_answer(r)) for a, r in zip(answers, rows, strict=True))
-    return EvalResult(name, len(rows), correct, 0)
+    outcomes = tuple(normalise(a) == normalise(expected_answer(r)) for a, r in zip(answers, rows, strict=True))
+    return EvalResult(name, len(rows), sum(outcomes), 0, (), outcomes)
 
 
 def gate(cache: AnswerCache, clean_dir: Path, candidate_dir: Path, manifest: Manifest,

@@ -248,6 +248,15 @@ class AdapterRegistry:
             raise ModelNotFound(f"no adapter {alias!r} has been promoted", param="model")
         return alias, version
 
+    def calibrated(self, alias: str, caller: str | None = None) -> bool | None:
+        """Whether the version serving ``alias`` has its own cascade threshold (None: no such
+        alias; the student call then answers 404 as usual)."""
+        try:
+            _, version = self.resolve(alias, caller)
+        except ModelNotFound:
+            return None
+        return self._versions[version].min_confidence is not None
+
     @contextlib.asynccontextmanager
     async def lease(self, alias: str, caller: str | None = None) -> AsyncIterator[LeasedAdapter]:
         """Hold ``alias``'s current version for the length of one student call (the stream

@@ -127,7 +127,11 @@ def _inner_schema(response_format: ResponseFormat | None) -> dict[str, Any] | No
 
 
 def to_features(
-    request: ChatRequest, caller: str, route_header: str | None, teacher_available: bool
+    request: ChatRequest,
+    caller: str,
+    route_header: str | None,
+    teacher_available: bool,
+    student_calibrated: bool | None = None,
 ) -> RequestFeatures:
     kind, adapter = parse_model(request.model)
     return RequestFeatures(
@@ -142,4 +146,5 @@ def to_features(
         route_header=route_header,
         teacher_available=teacher_available,
         stream=request.stream,
+        student_calibrated=student_calibrated,
     )

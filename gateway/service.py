@@ -47,6 +47,11 @@ class AdapterLease:
 class AdapterResolver(Protocol):
     def lease(self, alias: str, caller: str) -> contextlib.AbstractAsyncContextManager[AdapterLease]: ...
 
+    def calibrated(self, alias: str, caller: str) -> bool | None:
+        """Whether the version ``alias`` resolves to for ``caller`` has its own cascade
+        threshold; None when that cannot be told (unknown alias, no registry)."""
+        ...
+
 
 class StaticAdapters:
     """No registry: an alias is served under its own name, ``base`` under the base model's name.
@@ -60,6 +65,9 @@ class StaticAdapters:
     async def lease(self, alias: str, caller: str) -> AsyncIterator[AdapterLease]:
         name = self.base_model_name if alias in self.base_aliases else alias
         yield AdapterLease(alias, alias, name)
+
+    def calibrated(self, alias: str, caller: str) -> bool | None:
+        return None
 
 
 class ShadowHook(Protocol):
@@ -133,7 +141,9 @@ class ChatService:
         )
 
     def _decide(self, request: ChatRequest, ctx: CallContext, record: CallRecord) -> tuple[RequestFeatures, RouteDecision]:
-        features = to_features(request, ctx.caller, ctx.route_header, self._teacher_available())
+        kind, adapter = parse_model(request.model)
+        calibrated = self.adapters.calibrated(adapter or self.router.default_adapter, ctx.caller) if kind == "auto" else None
+        features = to_features(request, ctx.caller, ctx.route_header, self._teacher_available(), calibrated)
         decision = self.router.route(features)
         record.reason, record.route_score, record.adapter = decision.reason, decision.score, decision.adapter
         return features, decision

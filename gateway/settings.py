@@ -192,7 +192,7 @@ class LogSettings(_Section):
 class RouterSettings(_Section):
     policies: list[str] = Field(
         default_factory=lambda: ["explicit", "rules", "fallback", "cascade"],
-        description="Router policies in order (pre-call: explicit, rules, difficulty — put difficulty last; post-call: fallback, cascade); the first that decides wins.",
+        description="Router policies in order (pre-call: explicit, rules, uncalibrated, difficulty — put difficulty last; post-call: fallback, cascade); the first that decides wins. `uncalibrated` sends `auto` straight to the teacher while the served student version has no calibrated threshold.",
     )
     student_context_tokens: int = Field(
         2048, ge=64, description="Conversations longer than this (estimated) go to the teacher."

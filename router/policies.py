@@ -1,4 +1,4 @@
-"""Built-in policy kinds: explicit, rules, fallback; importing this registers all kinds.
+"""Built-in policy kinds: explicit, rules, uncalibrated, fallback; importing this registers all kinds.
 
 Scores: a decision that is certain by construction (explicit, a rule, a failure) scores 1.0,
 except the context-length rule, which records the estimated token count.
@@ -57,6 +57,24 @@ class RulesPolicy:
         )
         if any(p.search(last_user) for p in self.patterns):
             return RouteDecision("teacher", None, "rule", CERTAIN)
+        return None
+
+
+@register("uncalibrated")
+class UncalibratedPolicy:
+    """`auto` goes straight to the teacher while the student version that would answer has no
+    calibrated cascade threshold (base@v0, a manually promoted adapter): nobody knows yet when its
+    answers can be trusted, so calling it would only add its latency to a teacher call. Once a
+    retrain promotes and calibrates a version, the cascade takes over."""
+
+    name = "uncalibrated"
+
+    def __init__(self, settings: RouterSettings) -> None:
+        pass
+
+    def decide(self, features: RequestFeatures) -> RouteDecision | None:
+        if features.requested_model == "auto" and features.student_calibrated is False:
+            return RouteDecision("teacher", None, "uncalibrated", CERTAIN)
         return None
 
 

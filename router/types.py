@@ -19,6 +19,7 @@ REASONS = (
     "explicit",  # model=teacher / student:..., or the x-protege-route header
     "rule",  # context too long, tools, unsupported response format, pattern, tenant
     "difficulty",  # learned difficulty predicted a bad student answer
+    "uncalibrated",  # the student version has no calibrated threshold yet: its confidence means nothing
     "low_confidence",  # post-call: the student's confidence was under the threshold
     "invalid_output",  # post-call: the student's output failed a validator
     "error",  # post-call: the student failed
@@ -26,7 +27,7 @@ REASONS = (
     "teacher_unavailable",  # the teacher was wanted but is not configured or cooling down
 )
 FALLBACK_REASONS = frozenset(
-    {"rule", "difficulty", "low_confidence", "invalid_output", "error", "timeout", "teacher_unavailable"}
+    {"rule", "difficulty", "uncalibrated", "low_confidence", "invalid_output", "error", "timeout", "teacher_unavailable"}
 )
 
 
@@ -54,6 +55,9 @@ class RequestFeatures:
     # label_set: the only acceptable answers (stripped), when the caller's task has a closed set.
     json_schema: Mapping[str, Any] | None = None
     label_set: frozenset[str] | None = None
+    # Whether the adapter version that would answer has its own calibrated cascade threshold
+    # (set by a retrain at promotion). None: not known (no adapter registry).
+    student_calibrated: bool | None = None
 
 
 @dataclass(frozen=True)

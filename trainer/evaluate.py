@@ -44,6 +44,9 @@ class EvalResult:
     failed: int  # requests that errored (counted as wrong)
     # Per answered row, for calibrating the cascade threshold of the evaluated version.
     scored: tuple[ScoredRow, ...] = ()
+    # Per input row, in input order: right or not (a failed request is False). Two results on the
+    # same rows pair up by index (the retrain's regression check compares versions row by row).
+    outcomes: tuple[bool, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -84,6 +87,7 @@ def evaluate(client: ChatClient, model: str, rows: list[dict[str, Any]], *, max_
         return ScoredRow(correct, answer.mean_logprob, answer.min_logprob)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        outcomes = list(pool.map(score, rows))
-    scored = tuple(o for o in outcomes if o is not None)
-    return EvalResult(model, len(rows), sum(o.correct for o in scored), len(rows) - len(scored), scored)
+        answers = list(pool.map(score, rows))  # in input order
+    scored = tuple(a for a in answers if a is not None)
+    outcomes = tuple(a is not None and a.correct for a in answers)
+    return EvalResult(model, len(rows), sum(outcomes), len(rows) - len(scored), scored, outcomes)

@@ -9,6 +9,13 @@
    registered as rejected, with the reason;
 5. record everything in ``retrain_runs``.
 
+"Without regressing" needs care: the regression set holds requests the *current* version
+answered right (users confirmed them), so the current version scores about 1.000 there by
+selection, and any different candidate loses some of them, better or not. ``judge`` therefore
+compares what the candidate keeps of those answers with what it keeps of the held-out rows the
+current version gets right (the same kind of row, without the selection), and rejects only a
+drop beyond the tolerance that is also statistically significant.
+
 A file lock keeps two cycles from overlapping; a crashed cycle leaves a ``failed`` row and no
 alias change, so re-running is safe.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -338,9 +346,11 @@ class Cycle:
                                                         max_tokens=opts.eval_max_tokens,
                                                         response_format=opts.response_format)
         report.metrics = {name: result.to_dict() for name, result in scores.items()}
-        verdict, reason = decide(scores, opts.promote_margin, opts.regression_tolerance)
-        report.reason = reason
-        if verdict:
+        decision = judge(scores, opts.promote_margin, opts.regression_tolerance)
+        if decision.regression_check is not None:
+            report.metrics["regression_check"] = decision.regression_check
+        report.reason = decision.reason
+        if decision.promote:
             self._calibrate(report, scores["candidate_heldout"])
             self.gateway.promote(opts.task, report.candidate or "")
             report.status = "promoted"
@@ -377,18 +387,130 @@ def cascade_threshold(heldout: EvalResult, target_quality: float, statistic: str
     return calibrate_min_confidence([c for c, _ in pairs], [ok for _, ok in pairs], target_quality=target_quality)
 
 
+MIN_BASELINE_ROWS = 10  # held-out rows the current version gets right, to trust their retention
+Z_CRITICAL = 1.645  # one-sided, p < 0.05
+SIGNIFICANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    # The regression check's numbers (None without a regression set), for the report's metrics.
+    regression_check: dict[str, Any] | None = None
+
+
 def decide(scores: dict[str, EvalResult], margin: float, tolerance: float) -> tuple[bool, str]:
-    """Promote only a candidate that is better on held-out data and no worse on the regression set."""
+    """``judge``'s verdict and reason."""
+    decision = judge(scores, margin, tolerance)
+    return decision.promote, decision.reason
+
+
+def judge(scores: dict[str, EvalResult], margin: float, tolerance: float) -> Decision:
+    """Promote only a candidate that is better on held-out data and does not significantly forget
+    the answers users confirmed (see ``regression_check``)."""
     if "candidate_heldout" not in scores:
-        return False, "no held-out rows to evaluate on"
+        return Decision(False, "no held-out rows to evaluate on")
+    check = None
+    if "candidate_regression" in scores and "current_regression" in scores:
+        check = regression_check(scores["current_regression"], scores["candidate_regression"],
+                                 scores["current_heldout"], scores["candidate_heldout"], tolerance)
     cand, cur = scores["candidate_heldout"].accuracy, scores["current_heldout"].accuracy
     if cand < cur + margin:
-        return False, f"held-out accuracy {cand:.3f} does not beat current {cur:.3f} by {margin:.3f}"
-    if "candidate_regression" in scores:
-        cand_r, cur_r = scores["candidate_regression"].accuracy, scores["current_regression"].accuracy
-        if cand_r < cur_r - tolerance:
-            return False, f"regression set accuracy fell {cur_r:.3f} -> {cand_r:.3f} (tolerance {tolerance:.3f})"
-    return True, f"held-out accuracy {cur:.3f} -> {cand:.3f}"
+        return Decision(False, f"held-out accuracy {cand:.3f} does not beat current {cur:.3f} by {margin:.3f}", check)
+    reason = f"held-out accuracy {cur:.3f} -> {cand:.3f}"
+    if check is None:
+        return Decision(True, reason)
+    if check["verdict"] == "reject":
+        return Decision(False, check["note"], check)
+    return Decision(True, f"{reason}; {check['note']}", check)
+
+
+def retention(current: EvalResult, candidate: EvalResult) -> tuple[int, int] | None:
+    """Of the rows ``current`` gets right, how many ``candidate`` also gets right, and how many
+    there are (rows paired by index); None when either result lacks per-row outcomes."""
+    if not current.outcomes or len(current.outcomes) != len(candidate.outcomes):
+        return None
+    right = [theirs for ours, theirs in zip(current.outcomes, candidate.outcomes, strict=True) if ours]
+    return sum(right), len(right)
+
+
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = (math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(n - x + 1) + x * log_p + (n - x) * log_q
+             for x in range(k, n + 1))  # in logs: math.comb(n, x) overflows a float past n ~ 1000
+    return min(1.0, sum(math.exp(t) for t in terms))
+
+
+def pooled_z(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided two-proportion z statistic (pooled variance) for k1/n1 > k2/n2."""
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return (k1 / n1 - k2 / n2) / se if se > 0 else 0.0
+
+
+def regression_check(current_reg: EvalResult, candidate_reg: EvalResult, current_heldout: EvalResult,
+                     candidate_heldout: EvalResult, tolerance: float) -> dict[str, Any]:
+    """Does the candidate forget the confirmed answers more than it forgets right answers in general?
+
+    The regression rows are answers the current version gave and users confirmed: the current
+    version gets (nearly) all of them right by selection, so its accuracy there is no bar. The
+    bar is the candidate's retention on held-out rows the current version gets right (rows of
+    the same kind, not selected). Reject when the retention on the regression rows is lower by
+    more than ``tolerance`` *and* significantly so: a one-sided pooled two-proportion z-test at
+    p < 0.05; when the held-out retention is 1.0 (kept everything, or fewer than
+    ``MIN_BASELINE_ROWS`` rows to measure it: no evidence, so the strict bar), a one-sided
+    binomial test of the losses against a loss rate of ``tolerance``.
+    """
+    check: dict[str, Any] = {"tolerance": tolerance}
+    reg = retention(current_reg, candidate_reg)
+    if reg is None or reg[1] == 0:
+        why = ("no per-row outcomes to pair the two versions' answers" if reg is None else
+               f"the current version gets none of the {current_reg.rows} regression rows right now")
+        check.update(verdict="skipped", note=f"regression check skipped: {why}")
+        return check
+    reg_kept, reg_n = reg
+    base = retention(current_heldout, candidate_heldout)
+    evidence = base is not None and base[1] >= MIN_BASELINE_ROWS
+    base_kept, base_n = base if base is not None else (0, 0)
+    baseline = base_kept / base_n if evidence else 1.0
+    reg_rate = reg_kept / reg_n
+    gap = baseline - reg_rate
+    check.update(regression_kept=reg_kept, regression_current_right=reg_n, regression_retention=round(reg_rate, 4),
+                 heldout_kept=base_kept, heldout_current_right=base_n, baseline=round(baseline, 4), gap=round(gap, 4))
+    confirmed = f"kept {reg_kept}/{reg_n} of the answers users confirmed"
+    if evidence:
+        versus = f"vs {base_kept}/{base_n} of held-out rows the current version gets right"
+    else:
+        versus = (f"vs no held-out baseline (the current version gets only {base_n} held-out rows right, "
+                  f"{MIN_BASELINE_ROWS} needed), so against the tolerance")
+    if baseline >= 1.0:
+        losses = reg_n - reg_kept
+        p_value = binomial_tail(reg_n, losses, tolerance)
+        significant = p_value < SIGNIFICANCE
+        check.update(test="binomial", losses=losses, p=round(p_value, 6))
+        stat = (f"{losses} lost, P={p_value:.2g} {'<' if significant else '>='} {SIGNIFICANCE} "
+                f"at a {tolerance:.3f} loss rate")
+    else:
+        z = pooled_z(base_kept, base_n, reg_kept, reg_n)
+        significant = z > Z_CRITICAL
+        check.update(test="z", z=round(z, 3))
+        stat = f"z={z:.2f} {'>' if significant else '<='} {Z_CRITICAL}"
+    if gap > tolerance and significant:
+        check.update(verdict="reject", note=f"regression: {confirmed} {versus} ({stat})")
+    elif gap <= tolerance:
+        check.update(verdict="pass",
+                     note=f"{confirmed} {versus}: drop {max(gap, 0.0):.3f} <= tolerance {tolerance:.3f}")
+    else:
+        check.update(verdict="pass", note=f"{confirmed} {versus} ({stat}): no significant regression")
+    return check
 
 
 def retrain_options(settings: Settings, task: str) -> RetrainOptions:

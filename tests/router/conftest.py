@@ -121,12 +121,14 @@ def make_features() -> Callable[..., RequestFeatures]:
         response_format: str | None = None,
         json_schema: dict | None = None,
         label_set: frozenset[str] | None = None,
+        student_calibrated: bool | None = None,
     ) -> RequestFeatures:
         messages = tuple(Message(role, content) for role, content in turns) or (Message("user", "hello"),)
         return RequestFeatures(
             requested_model=requested_model, adapter=adapter, messages=messages, estimated_tokens=estimated_tokens,
             has_tools=has_tools, response_format=response_format, caller=caller, route_header=route_header,
             teacher_available=teacher_available, stream=stream, json_schema=json_schema, label_set=label_set,
+            student_calibrated=student_calibrated,
         )
 
     return build

@@ -146,3 +146,25 @@ def test_unknown_kind_and_missing_artefact_are_refused(settings, tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         build_router(settings(policies=["difficulty"], difficulty_model=str(tmp_path / "none.json")),
                      default_adapter="base")
+
+
+@pytest.mark.parametrize(
+    ("requested_model", "calibrated", "expected"),
+    [
+        ("auto", False, "teacher"),  # base@v0 or a hand-promoted version: nobody calibrated it
+        ("auto", True, None),  # the cascade decides after the student answered
+        ("auto", None, None),  # no registry to tell: no opinion
+        ("student", False, None),  # asked for the student by name: served by it
+    ],
+)
+def test_uncalibrated_sends_auto_to_the_teacher_until_a_version_is_calibrated(
+        make_features, settings, requested_model, calibrated, expected):
+    from router.policies import UncalibratedPolicy
+
+    features = make_features(requested_model=requested_model, student_calibrated=calibrated)
+    decision = UncalibratedPolicy(settings()).decide(features)
+    assert (decision.target if decision else None) == expected
+    if decision is not None:
+        assert_well_formed(decision)
+        assert decision.reason == "uncalibrated"
+    assert "uncalibrated" in POLICY_KINDS

@@ -636,6 +636,9 @@ def test_calibrated_threshold_travels_with_its_version_through_rollback_and_rest
         await registry.promote("support", "support@v2")
         async with registry.lease("support", "c") as lease:
             assert (lease.version, lease.min_confidence) == ("support@v2", -0.3)
+        assert registry.calibrated("support", "c") is True
+        assert registry.calibrated("base", "c") is False
+        assert registry.calibrated("nobody-promoted-this", "c") is None
         await registry.rollback("support")
         async with registry.lease("support", "c") as lease:
             assert (lease.version, lease.min_confidence) == ("support@v1", -0.8)

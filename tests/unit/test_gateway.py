@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from feedback.store import open_database
 from gateway.app import Overrides, create_app
 from gateway.backends import Pricing
 from gateway.errors import BackendRejected, BackendTimeout, BackendUnavailable
+from gateway.service import AdapterLease
 from tests.conftest import chunks_for, completion, student_error
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -304,3 +306,44 @@ def test_teacher_calls_are_counted_by_outcome(client_factory, fake_teacher) -> N
     metrics = client.get("/metrics").text
     for outcome, count in (("ok", 2.0), ("timeout", 1.0), ("cooldown", 1.0)):
         assert f'protege_teacher_calls_total{{outcome="{outcome}"}} {count}' in metrics
+
+
+class _CalibrationAwareAdapters:
+    """An AdapterResolver whose versions are calibrated or not, as the test says."""
+
+    def __init__(self, calibrated: bool) -> None:
+        self.is_calibrated = calibrated
+        self.leases = 0
+
+    @contextlib.asynccontextmanager
+    async def lease(self, alias: str, caller: str):  # noqa: ANN201
+        self.leases += 1
+        yield AdapterLease(alias, f"{alias}@v1", f"{alias}@v1", -1.0 if self.is_calibrated else None)
+
+    def calibrated(self, alias: str, caller: str) -> bool | None:
+        return self.is_calibrated
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_uncalibrated_policy_skips_the_student_until_its_version_is_calibrated(
+        settings_factory, fake_student, fake_teacher, calibrated: bool) -> None:
+    settings = settings_factory(router={"policies": ["explicit", "rules", "uncalibrated", "fallback", "cascade"]})
+    adapters = _CalibrationAwareAdapters(calibrated)
+    app = create_app(settings, Overrides(student=fake_student, teacher=fake_teacher, adapters=adapters))
+    fake_student.enqueue(completion("from student", logprobs=[-0.1, -0.2]))
+    fake_teacher.enqueue(completion("from teacher"))
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json={"model": "auto", "messages": MESSAGES})
+        assert response.status_code == 200
+        if calibrated:
+            assert response.json()["choices"][0]["message"]["content"] == "from student"
+            assert (adapters.leases, len(fake_teacher.payloads)) == (1, 0)
+            fake_student.enqueue(completion("from student, asked by name"))
+        else:
+            assert response.json()["choices"][0]["message"]["content"] == "from teacher"
+            assert response.headers["x-protege-route"] == "teacher; reason=uncalibrated"
+            assert (adapters.leases, len(fake_student.payloads)) == (0, 0)
+            [row] = rows(client, settings)
+            assert (row["route"], row["reason"]) == ("teacher", "uncalibrated")
+        explicit = client.post("/v1/chat/completions", json={"model": "student", "messages": MESSAGES})
+        assert explicit.status_code == 200  # asked for by name: the student answers either way

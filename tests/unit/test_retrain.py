@@ -16,7 +16,17 @@ from tests.feedback.conftest import LogSeed
 from trainer.config import SFTRunConfig, TrainResult
 from trainer.evaluate import ChatAnswer, EvalResult, ScoredRow, evaluate, normalise
 from trainer.gateway_client import ServedAdapter
-from trainer.retrain import Cycle, RetrainOptions, cascade_threshold, decide, parse_every, retrain_lock, run_forever
+from trainer.retrain import (
+    MIN_BASELINE_ROWS,
+    Cycle,
+    RetrainOptions,
+    cascade_threshold,
+    decide,
+    judge,
+    parse_every,
+    retrain_lock,
+    run_forever,
+)
 
 LABELS = ["card_arrival", "lost_card", "top_up_failed", "exchange_rate"]
 
@@ -135,6 +145,34 @@ def test_worse_candidate_is_rejected_and_alias_stays(settings) -> None:  # noqa:
     assert calls[0][1] == Path("/adapters/intents@v1")  # continued from the current adapter
 
 
+def test_the_regression_check_is_recorded_with_the_cycle(settings) -> None:  # noqa: ANN001
+    # intents@v1 (served) gets every intent but exchange_rate right; users liked 80 of its answers:
+    # the held-out ones make the regression set.
+    db = open_database(settings.db_path)
+    seed = LogSeed(db)
+    for i in range(80):
+        label = LABELS[i % 3]
+        rid = seed.request(f"liked{i}", f"liked message {i} #{label}#", answer=label, adapter="intents",
+                           adapter_version="intents@v1", caller=f"user{i % 7}", created_at=time.time() - 500 + i)
+        seed.feedback(rid, 1)
+    db.conn.close()
+
+    def served(messages: list[dict]) -> str:
+        return "lost_card" if truth(messages) == "exchange_rate" else truth(messages)
+
+    gateway = FakeGateway({"intents@v1": served, "intents@v2": truth})
+    gateway.alias, gateway.registered = "intents@v1", ["intents@v1"]
+    report = cycle(settings, gateway, []).run()
+    assert report.status == "promoted", report.reason
+    check = report.metrics["regression_check"]
+    rows = report.metrics["current_regression"]["rows"]
+    assert rows > 0 and check["verdict"] == "pass"
+    assert (check["regression_kept"], check["regression_current_right"]) == (rows, rows)
+    assert f"; kept {rows}/{rows} of the answers users confirmed" in report.reason
+    [run] = runs(settings)
+    assert json.loads(run["metrics"])["regression_check"] == check
+
+
 def test_too_little_new_data_skips_without_training(settings) -> None:  # noqa: ANN001
     gateway = FakeGateway({"base@v0": lambda m: "x", "intents@v1": truth})
     calls: list = []
@@ -151,19 +189,92 @@ def test_a_second_cycle_refuses_while_the_lock_is_held(settings) -> None:  # noq
     assert report.status == "skipped" and "lock" in report.reason
 
 
+def split(rows: int, current_right: int, kept: int, candidate_other: int = 0) -> tuple[EvalResult, EvalResult]:
+    """Current and candidate results on the same ``rows``: the current version gets the first
+    ``current_right`` right; the candidate gets ``kept`` of those and ``candidate_other`` of the rest."""
+    current = tuple(i < current_right for i in range(rows))
+    candidate = tuple(i < kept or current_right <= i < current_right + candidate_other for i in range(rows))
+    return (EvalResult("current", rows, sum(current), 0, (), current),
+            EvalResult("candidate", rows, sum(candidate), 0, (), candidate))
+
+
+def scores_of(heldout: tuple[EvalResult, EvalResult], regression: tuple[EvalResult, EvalResult] | None = None,
+              ) -> dict[str, EvalResult]:
+    scores = {"current_heldout": heldout[0], "candidate_heldout": heldout[1]}
+    if regression is not None:
+        scores.update(current_regression=regression[0], candidate_regression=regression[1])
+    return scores
+
+
 @pytest.mark.parametrize(("cand", "cur", "cand_r", "cur_r", "verdict"), [
     (0.80, 0.70, 1.0, 1.0, True),
     (0.705, 0.70, 1.0, 1.0, False),  # under the margin
-    (0.90, 0.70, 0.90, 1.0, False),  # regression set fell beyond tolerance
+    (0.90, 0.70, 0.90, 1.0, False),  # kept 900 of 1000 confirmed answers, all of the held-out ones
     (0.90, 0.70, 0.99, 1.0, True),  # within tolerance
 ])
 def test_decision_rule(cand, cur, cand_r, cur_r, verdict) -> None:  # noqa: ANN001
-    def result(acc: float) -> EvalResult:
-        return EvalResult("m", 1000, int(acc * 1000), 0)
+    heldout = split(1000, int(cur * 1000), int(cur * 1000), int((cand - cur) * 1000))
+    regression = split(1000, int(cur_r * 1000), int(cand_r * 1000))
+    assert decide(scores_of(heldout, regression), margin=0.01, tolerance=0.02)[0] is verdict
 
-    scores = {"candidate_heldout": result(cand), "current_heldout": result(cur),
-              "candidate_regression": result(cand_r), "current_regression": result(cur_r)}
-    assert decide(scores, margin=0.01, tolerance=0.02)[0] is verdict
+
+def test_a_much_better_candidate_may_lose_a_few_confirmed_answers() -> None:
+    # The measured cycle 2 of docs/benchmarks.md: held-out 62/161 -> 112/161, the candidate
+    # keeping 48 of the current version's 62 right answers there; on the 15 regression rows (all
+    # right for the current version, by construction) it keeps 11. The old check (1.000 -> 0.733
+    # against a 0.02 tolerance) rejected it.
+    heldout = split(161, 62, 48, 64)
+    assert (heldout[0].correct, heldout[1].correct) == (62, 112)
+    decision = judge(scores_of(heldout, split(15, 15, 11)), margin=0.01, tolerance=0.02)
+    assert decision.promote, decision.reason
+    assert decision.reason.startswith("held-out accuracy 0.385 -> 0.696; kept 11/15 ")
+    assert "48/62" in decision.reason and "no significant regression" in decision.reason
+    check = decision.regression_check
+    assert check is not None and check["test"] == "z" and check["verdict"] == "pass"
+    assert (check["regression_kept"], check["regression_current_right"],
+            check["heldout_kept"], check["heldout_current_right"]) == (11, 15, 48, 62)
+    assert 0 < check["z"] < 1.645
+
+
+def test_forgetting_the_confirmed_answers_more_than_others_is_rejected() -> None:
+    heldout = split(161, 62, 58, 60)
+    promoted, reason = decide(scores_of(heldout, split(15, 15, 3)), margin=0.01, tolerance=0.02)
+    assert not promoted
+    assert reason.startswith("regression: kept 3/15 ") and "58/62" in reason and "> 1.645" in reason
+
+
+def test_against_a_strong_current_version_the_tolerance_is_the_bar() -> None:
+    # The candidate keeps every held-out answer the current version gets right: no loss rate to
+    # compare with, so 10 of 100 confirmed answers lost is tested against the 2% tolerance.
+    heldout = split(200, 100, 100, 50)
+    decision = judge(scores_of(heldout, split(100, 100, 90)), margin=0.01, tolerance=0.02)
+    assert not decision.promote
+    assert decision.reason.startswith("regression: kept 90/100 ") and "100/100" in decision.reason
+    assert decision.regression_check is not None and decision.regression_check["test"] == "binomial"
+    assert decision.regression_check["p"] < 0.05
+    # One lost answer of 100 is within the tolerance.
+    assert decide(scores_of(heldout, split(100, 100, 99)), margin=0.01, tolerance=0.02)[0]
+
+
+def test_too_few_held_out_rows_right_means_the_strict_bar() -> None:
+    few = MIN_BASELINE_ROWS - 1
+    heldout = split(100, few, few // 2, 40)  # the candidate kept half: too few rows to mean anything
+    one_lost = judge(scores_of(heldout, split(15, 15, 14)), margin=0.01, tolerance=0.02)
+    assert one_lost.promote, one_lost.reason  # P(>= 1 of 15 lost at 2%) = 0.26
+    assert "no held-out baseline" in one_lost.reason
+    three_lost = judge(scores_of(heldout, split(15, 15, 12)), margin=0.01, tolerance=0.02)
+    assert not three_lost.promote and three_lost.reason.startswith("regression: kept 12/15 ")
+
+
+def test_regression_check_skipped_without_rows_to_compare() -> None:
+    heldout = split(100, 20, 20, 30)
+    none_right = judge(scores_of(heldout, split(15, 0, 0)), margin=0.01, tolerance=0.02)
+    assert none_right.promote and "regression check skipped" in none_right.reason
+    assert none_right.reason.startswith("held-out accuracy 0.200 -> 0.500; ")
+    totals_only = {"current_regression": EvalResult("m", 15, 15, 0), "candidate_regression": EvalResult("m", 15, 3, 0)}
+    decision = judge({**scores_of(heldout), **totals_only}, margin=0.01, tolerance=0.02)
+    assert decision.promote and "no per-row outcomes" in decision.reason
+    assert judge(scores_of(heldout), margin=0.01, tolerance=0.02).regression_check is None
 
 
 def test_normalise_and_evaluate_count_errors_as_wrong() -> None:
@@ -180,6 +291,23 @@ def test_normalise_and_evaluate_count_errors_as_wrong() -> None:
             for c in ("a", "boom", "c")]
     result = evaluate(Flaky(), "student:x", rows)
     assert (result.correct, result.failed, result.rows) == (2, 1, 3)
+    assert result.outcomes == (True, False, True)  # per row, in order; the failed request is wrong
+
+
+def test_outcomes_follow_the_input_order() -> None:
+    class Echo:
+        def chat(self, model, messages, max_tokens, response_format=None):  # noqa: ANN001, ANN201
+            content = messages[-1]["content"]
+            if content == "boom":
+                raise RuntimeError("down")
+            return ChatAnswer(content)
+
+    rows = [{"prompt": [{"role": "user", "content": c}], "completion": "yes"}
+            for c in ("yes", "no", "boom", "yes", "no", "yes")]
+    result = evaluate(Echo(), "student:x", rows, concurrency=3)
+    assert result.outcomes == (True, False, False, True, False, True)
+    assert (result.correct, result.failed, len(result.scored)) == (3, 1, 5)
+    assert "outcomes" not in result.to_dict()
 
 
 def test_schedule_parsing_and_loop() -> None:
