@@ -249,6 +249,9 @@ class TeacherBackend:
         import litellm  # only when a teacher is configured; LITELLM_LOCAL_MODEL_COST_MAP set by the CLI
 
         litellm.suppress_debug_info = True  # it prints help banners to stdout on every error
+        # At INFO it logs two lines per completion (its own handler and ours): per-request noise
+        # in the hot path, and our own request log already says what was called.
+        logging.getLogger("LiteLLM").setLevel(max(logging.WARNING, logging.getLogger("LiteLLM").level))
         self._litellm = litellm
         self.settings = settings
         self.model = settings.model or ""

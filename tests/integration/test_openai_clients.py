@@ -4,6 +4,7 @@ HTTP server and whose teacher is reached through litellm (no monkeypatching)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Iterator
 
@@ -98,7 +99,8 @@ def test_sdk_error_cases(stack: dict) -> None:
     assert bad.value.body["param"] == "temperature"
 
 
-def test_teacher_path_end_to_end_through_litellm(stack: dict) -> None:
+def test_teacher_path_end_to_end_through_litellm(stack: dict, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     reply = client_for(stack).chat.completions.create(model="teacher", messages=[{"role": "user", "content": "q"}])
     assert reply.choices[0].message.content == "teacher answer"
     assert stack["teacher"].calls == 1
@@ -108,6 +110,8 @@ def test_teacher_path_end_to_end_through_litellm(stack: dict) -> None:
     stream = client_for(stack).chat.completions.create(model="teacher", messages=[{"role": "user", "content": "q"}],
                                                        stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "teacher answer"
+    # litellm logs every completion at INFO; in a gateway that is per-request noise.
+    assert [r.getMessage() for r in caplog.records if r.name == "LiteLLM" and r.levelno < logging.WARNING] == []
 
 
 def test_student_failure_falls_back_through_litellm(stack: dict) -> None:
