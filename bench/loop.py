@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -295,19 +296,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out.absolute()
     if args.quick:
         args.cycles, args.requests_per_cycle, args.test_sample, args.epochs = 1, "48", 16, 1.0
-    sizes = [int(n) for n in str(args.requests_per_cycle).split(",")]
-    if len(sizes) == 1:
-        sizes *= args.cycles
-    if len(sizes) != args.cycles or min(sizes) < 1:
+    sizes = per_cycle(args.requests_per_cycle, args.cycles, int)
+    if sizes is None or min(sizes) < 1:
         parser.error("--requests-per-cycle: one positive number, or one per cycle")
     args.cycle_sizes = sizes
-    budgets = [float(n) for n in str(args.sft_budget_s).split(",")] if args.sft_budget_s else [None]
-    if len(budgets) == 1:
-        budgets *= args.cycles
-    if len(budgets) != args.cycles:
+    budgets = per_cycle(args.sft_budget_s, args.cycles, float) if args.sft_budget_s else [None] * args.cycles
+    if budgets is None:
         parser.error("--sft-budget-s: one number, or one per cycle")
     args.cycle_budgets = budgets
     return args
+
+
+def per_cycle(text: str, cycles: int, cast: Callable[[str], Any]) -> list[Any] | None:
+    """'500' -> the same for every cycle; '500,1500,2000' -> one per cycle; None if the count is wrong."""
+    values = [cast(part) for part in str(text).split(",")]
+    if len(values) == 1:
+        values *= cycles
+    return values if len(values) == cycles else None
 
 
 def measured(cycle: int, url: str, sample: list[Row], labels: list[str], concurrency: int,

@@ -12,7 +12,7 @@ Each run then goes through what a retrain does with that log: the real builder
 (``build_datasets`` with ``options_from_settings``: per-caller cap, filters, held-out split as
 configured), SFT with ``trainer.fast_sft.train_sft`` from the base, greedy exact-match accuracy on
 a fixed clean sample of the BANKING77 test split (``evaluate_labels``, the same sample for every
-run), and the promotion gate ``trainer.retrain.decide`` with the clean run's adapter as the
+run), and the promotion gate ``trainer.retrain.judge`` with the clean run's adapter as the
 current one, scored on the poisoned build's own held-out and regression files (as a retrain
 would: poisoned held-out rows included).
 
@@ -262,8 +262,8 @@ def score_rows(name: str, rows: Sequence[PromptRow], answers: Sequence[str]) -> 
 
 def gate(cache: AnswerCache, clean_dir: Path, candidate_dir: Path, manifest: Manifest,
          settings: Settings) -> GateOutcome:
-    """``decide`` with the clean adapter as the current one, on the poisoned build's own rows."""
-    from trainer.retrain import decide
+    """``judge`` with the clean adapter as the current one, on the poisoned build's own rows."""
+    from trainer.retrain import judge
 
     limit = settings.trainer.eval_max_rows
     scores: dict[str, EvalResult] = {}
@@ -273,8 +273,8 @@ def gate(cache: AnswerCache, clean_dir: Path, candidate_dir: Path, manifest: Man
             continue
         for who, adapter in (("current", clean_dir), ("candidate", candidate_dir)):
             scores[f"{who}_{split}"] = score_rows(who, rows, cache.answers(adapter, rows))
-    promoted, reason = decide(scores, settings.trainer.promote_margin, settings.trainer.regression_tolerance)
-    return GateOutcome(promoted, reason, {name: result.to_dict() for name, result in scores.items()})
+    decision = judge(scores, settings.trainer.promote_margin, settings.trainer.regression_tolerance)
+    return GateOutcome(decision.promote, decision.reason, {name: result.to_dict() for name, result in scores.items()})
 
 
 # -- the drill --------------------------------------------------------------------------------

@@ -251,7 +251,8 @@ class TeacherBackend:
         litellm.suppress_debug_info = True  # it prints help banners to stdout on every error
         # At INFO it logs two lines per completion (its own handler and ours): per-request noise
         # in the hot path, and our own request log already says what was called.
-        logging.getLogger("LiteLLM").setLevel(max(logging.WARNING, logging.getLogger("LiteLLM").level))
+        litellm_log = logging.getLogger("LiteLLM")
+        litellm_log.setLevel(max(logging.WARNING, litellm_log.level))
         self._litellm = litellm
         self.settings = settings
         self.model = settings.model or ""

@@ -142,7 +142,9 @@ class ChatService:
 
     def _decide(self, request: ChatRequest, ctx: CallContext, record: CallRecord) -> tuple[RequestFeatures, RouteDecision]:
         kind, adapter = parse_model(request.model)
-        calibrated = self.adapters.calibrated(adapter or self.router.default_adapter, ctx.caller) if kind == "auto" else None
+        calibrated = None
+        if kind == "auto":  # only `auto` is routed on it; explicit requests skip the registry lookup
+            calibrated = self.adapters.calibrated(adapter or self.router.default_adapter, ctx.caller)
         features = to_features(request, ctx.caller, ctx.route_header, self._teacher_available(), calibrated)
         decision = self.router.route(features)
         record.reason, record.route_score, record.adapter = decision.reason, decision.score, decision.adapter

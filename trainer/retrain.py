@@ -400,12 +400,6 @@ class Decision:
     regression_check: dict[str, Any] | None = None
 
 
-def decide(scores: dict[str, EvalResult], margin: float, tolerance: float) -> tuple[bool, str]:
-    """``judge``'s verdict and reason."""
-    decision = judge(scores, margin, tolerance)
-    return decision.promote, decision.reason
-
-
 def judge(scores: dict[str, EvalResult], margin: float, tolerance: float) -> Decision:
     """Promote only a candidate that is better on held-out data and does not significantly forget
     the answers users confirmed (see ``regression_check``)."""

@@ -21,7 +21,6 @@ from trainer.retrain import (
     Cycle,
     RetrainOptions,
     cascade_threshold,
-    decide,
     judge,
     parse_every,
     retrain_lock,
@@ -215,7 +214,7 @@ def scores_of(heldout: tuple[EvalResult, EvalResult], regression: tuple[EvalResu
 def test_decision_rule(cand, cur, cand_r, cur_r, verdict) -> None:  # noqa: ANN001
     heldout = split(1000, int(cur * 1000), int(cur * 1000), int((cand - cur) * 1000))
     regression = split(1000, int(cur_r * 1000), int(cand_r * 1000))
-    assert decide(scores_of(heldout, regression), margin=0.01, tolerance=0.02)[0] is verdict
+    assert judge(scores_of(heldout, regression), margin=0.01, tolerance=0.02).promote is verdict
 
 
 def test_a_much_better_candidate_may_lose_a_few_confirmed_answers() -> None:
@@ -238,7 +237,8 @@ def test_a_much_better_candidate_may_lose_a_few_confirmed_answers() -> None:
 
 def test_forgetting_the_confirmed_answers_more_than_others_is_rejected() -> None:
     heldout = split(161, 62, 58, 60)
-    promoted, reason = decide(scores_of(heldout, split(15, 15, 3)), margin=0.01, tolerance=0.02)
+    decision = judge(scores_of(heldout, split(15, 15, 3)), margin=0.01, tolerance=0.02)
+    promoted, reason = decision.promote, decision.reason
     assert not promoted
     assert reason.startswith("regression: kept 3/15 ") and "58/62" in reason and "> 1.645" in reason
 
@@ -253,7 +253,7 @@ def test_against_a_strong_current_version_the_tolerance_is_the_bar() -> None:
     assert decision.regression_check is not None and decision.regression_check["test"] == "binomial"
     assert decision.regression_check["p"] < 0.05
     # One lost answer of 100 is within the tolerance.
-    assert decide(scores_of(heldout, split(100, 100, 99)), margin=0.01, tolerance=0.02)[0]
+    assert judge(scores_of(heldout, split(100, 100, 99)), margin=0.01, tolerance=0.02).promote
 
 
 def test_too_few_held_out_rows_right_means_the_strict_bar() -> None:
