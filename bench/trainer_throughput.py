@@ -114,6 +114,8 @@ def run_protege(args: BenchArgs, variant: str, rows: list[Row], out_dir: Path) -
         top = None
     config = SFTRunConfig(lora=LoraPlacement(top_layers=top), batch_size=args.batch_size,
                           learning_rate=args.learning_rate, max_length=args.max_length,
+                          # stock's schedule, so that the two differ in speed only
+                          lr_scheduler="constant_with_warmup",
                           time_budget_s=args.budget_s, epochs=50.0, seed=args.seed,
                           padding_free=variant == "protege-packed",
                           share_prefix=variant not in ("protege-packed", "protege-all-noshare"),

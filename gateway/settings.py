@@ -260,6 +260,12 @@ class TrainerSettings(_Section):
         "current", description="Retrain continues the served adapter (`current`) or starts from the base."
     )
     sft_learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the LoRA SFT.")
+    sft_lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="After warm-up the SFT learning rate decays to zero (`cosine`, `linear`) at the "
+        "last step or at the end of `sft_time_budget_s`, whichever comes first; `constant` keeps "
+        "the peak until the run stops.",
+    )
     sft_epochs: float = Field(2.0, gt=0, description="Passes over the SFT rows per retrain.")
     sft_batch_size: int = Field(16, ge=1, description="SFT examples per optimiser step.")
     sft_time_budget_s: float | None = Field(

@@ -42,8 +42,10 @@ class SFTRunConfig:
     lora: LoraPlacement = field(default_factory=LoraPlacement, metadata=_help(
         "Adapter shape; ignored when continuing from an existing adapter (its own shape is kept)."))
     learning_rate: float = field(default=2e-4, metadata=_help("Peak AdamW learning rate."))
-    lr_scheduler: str = field(default="constant_with_warmup", metadata=_help(
-        "transformers scheduler name. Constant keeps a time-budgeted run learning until it is stopped."))
+    lr_scheduler: str = field(default="cosine", metadata=_help(
+        "`linear` or `cosine`: warm-up, then a decay to zero at the last step or at the end of "
+        "time_budget_s, whichever comes first (fast_sft.budget_aware_lambda). Any other "
+        "transformers scheduler name is used as transformers defines it (over steps only)."))
     warmup_steps: int = field(default=5, metadata=_help("Linear warm-up steps."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     batch_size: int = field(default=16, metadata=_help("Examples per optimiser step."))

@@ -197,6 +197,45 @@ def completion_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     return total / max(int(divisor), 1)
 
 
+# --- the learning-rate schedule -----------------------------------------------------------------
+
+DECAY_SHAPES = ("linear", "cosine")
+
+
+def decay_factor(shape: str, progress: float) -> float:
+    """Multiplier of the peak learning rate at ``progress`` (0..1) through the run."""
+    progress = min(max(progress, 0.0), 1.0)
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown decay shape {shape!r}; expected one of {DECAY_SHAPES}")
+
+
+def budget_aware_lambda(shape: str, warmup_steps: int, total_steps: int, budget_s: float | None,
+                        clock: Callable[[], float]) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up, then a decay to zero at whichever end comes first, the
+    last step or the time budget.
+
+    transformers' schedules decay over a step count; a time-budgeted run does not know how many
+    steps it will get (that depends on the machine and on what else runs on it), so a step-based
+    decay would stop near its peak. Progress is measured here on both axes and the larger wins.
+    The clock starts at the first call (LambdaLR makes it when the scheduler is built).
+    """
+    started: list[float] = []
+
+    def factor(step: int) -> float:
+        if not started:
+            started.append(clock())
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        by_time = (clock() - started[0]) / budget_s if budget_s else 0.0
+        return decay_factor(shape, max(by_steps, by_time))
+
+    return factor
+
+
 def _batch_stats(inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(examples, real tokens) of a collated batch, padded or padding-free."""
     position_ids = inputs.get("position_ids")
@@ -226,6 +265,18 @@ def _trainer_classes() -> tuple[type, type]:
             self.examples_seen = 0
             self.tokens_seen = 0
             self.recent_losses: list[float] = []
+            self.budget_decay: tuple[str, int, float | None, Callable[[], float]] | None = None
+
+        def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[override]
+            if self.budget_decay is None or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            from torch.optim.lr_scheduler import LambdaLR
+
+            shape, warmup, budget_s, clock = self.budget_decay
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                         budget_aware_lambda(shape, warmup, num_training_steps, budget_s, clock))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             loss = completion_nll(model, inputs["input_ids"], inputs["labels"],
@@ -324,8 +375,10 @@ def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                           train_dataset=dataset, processing_class=tokenizer)
     trainer.share_prefix = config.share_prefix
     quiet_logging(trainer)
+    clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
+    if config.lr_scheduler in DECAY_SHAPES:
+        trainer.budget_decay = (config.lr_scheduler, config.warmup_steps, config.time_budget_s, clock)
     if config.time_budget_s is not None:
-        clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
         trainer.add_callback(budget_cls(config.time_budget_s, clock))
     return trainer
 

@@ -509,8 +509,9 @@ def regression_check(current_reg: EvalResult, candidate_reg: EvalResult, current
 
 def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     t = settings.trainer
-    sft = SFTRunConfig(learning_rate=t.sft_learning_rate, epochs=t.sft_epochs, batch_size=t.sft_batch_size,
-                       time_budget_s=t.sft_time_budget_s)
+    scheduler = "constant_with_warmup" if t.sft_lr_schedule == "constant" else t.sft_lr_schedule
+    sft = SFTRunConfig(learning_rate=t.sft_learning_rate, lr_scheduler=scheduler, epochs=t.sft_epochs,
+                       batch_size=t.sft_batch_size, time_budget_s=t.sft_time_budget_s)
     return RetrainOptions(task=task, init_from=t.init_from, sft=sft, min_new_examples=t.min_new_examples,
                           dpo_min_pairs=t.dpo_min_pairs, kto_min_rows=t.kto_min_rows,
                           promote_margin=t.promote_margin,

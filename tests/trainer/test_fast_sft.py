@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ torch = pytest.importorskip("torch", reason="trainer extra not installed")
 
 from trainer.config import DPORunConfig, LoraPlacement, SFTRunConfig
 from trainer.fast_sft import (
+    budget_aware_lambda,
     build_dataset,
     completion_nll,
+    decay_factor,
     cpu_busy_now,
     generate_greedy,
     idle_cores,
@@ -183,6 +186,55 @@ def test_batched_left_padded_generation_matches_one_by_one(student_dir: Path,
     assert batched == one_by_one
     labels = [batched[0].strip(), "not-an-answer", "also-not"]
     assert label_accuracy(model, tokenizer, colour_rows[:3], labels, max_new_tokens=6) == pytest.approx(1 / 3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_decay_ends_at_the_time_budget_when_it_comes_before_the_last_step() -> None:
+    clock = FakeClock()
+    factor = budget_aware_lambda("cosine", warmup_steps=2, total_steps=1000, budget_s=10.0, clock=clock)
+    assert factor(0) == pytest.approx(1 / 3)  # warm-up, and the clock starts here
+    assert factor(1) == pytest.approx(2 / 3)
+    clock.now += 5.0
+    assert factor(10) == pytest.approx(0.5)  # half the budget gone, 1% of the steps
+    clock.now += 5.0
+    assert factor(20) == 0.0
+
+
+def test_decay_follows_the_steps_when_they_end_first() -> None:
+    clock = FakeClock()
+    factor = budget_aware_lambda("linear", warmup_steps=0, total_steps=10, budget_s=3600.0, clock=clock)
+    assert factor(0) == 1.0
+    clock.now += 1.0
+    assert factor(5) == pytest.approx(0.5)
+    assert factor(10) == 0.0
+    without_budget = budget_aware_lambda("linear", warmup_steps=0, total_steps=10, budget_s=None, clock=clock)
+    assert without_budget(0) == 1.0 and without_budget(8) == pytest.approx(0.2)
+
+
+def test_decay_shapes() -> None:
+    assert decay_factor("cosine", 0.25) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
+    assert decay_factor("linear", 2.0) == 0.0 and decay_factor("cosine", -1.0) == 1.0
+    with pytest.raises(ValueError, match="unknown decay shape"):
+        decay_factor("step", 0.5)
+
+
+@pytest.mark.training
+@pytest.mark.parametrize(("scheduler", "last_lr"), [("cosine", 0.0), ("constant_with_warmup", 1e-3)])
+def test_the_run_ends_at_its_schedules_last_learning_rate(student_dir: Path, colour_rows: list[dict],
+                                                           tmp_path: Path, scheduler: str,
+                                                           last_lr: float) -> None:
+    model, tokenizer = load_for_training(student_dir)
+    config = SFTRunConfig(**{**TINY.__dict__, "lr_scheduler": scheduler, "time_budget_s": 3600.0})
+    trainer = make_sft_trainer(attach_lora(model, TINY.lora), tokenizer, colour_rows, config, tmp_path)
+    run_trainer(trainer, tmp_path / "out")
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(last_lr)
 
 
 @pytest.mark.training

@@ -24,6 +24,7 @@ from trainer.retrain import (
     judge,
     parse_every,
     retrain_lock,
+    retrain_options,
     run_forever,
 )
 
@@ -374,3 +375,12 @@ def test_cascade_threshold_needs_enough_rows_with_confidence() -> None:
     assert by_mean is not None and -3.0 < by_mean.min_confidence < -0.2
     assert by_min is not None and -5.0 < by_min.min_confidence < -0.4
     assert by_mean.teacher_share == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("schedule", "scheduler"), [(None, "cosine"), ("linear", "linear"),
+                                                     ("constant", "constant_with_warmup")])
+def test_settings_pick_the_sft_learning_rate_schedule(tmp_path: Path, schedule: str | None,
+                                                      scheduler: str) -> None:
+    trainer = {"sft_time_budget_s": 900} if schedule is None else {"sft_lr_schedule": schedule}
+    options = retrain_options(make_settings(tmp_path, trainer=trainer), "banking77")
+    assert options.sft.lr_scheduler == scheduler
