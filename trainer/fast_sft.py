@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,17 +221,15 @@ def budget_aware_lambda(shape: str, warmup_steps: int, total_steps: int, budget_
     transformers' schedules decay over a step count; a time-budgeted run does not know how many
     steps it will get (that depends on the machine and on what else runs on it), so a step-based
     decay would stop near its peak. Progress is measured here on both axes and the larger wins.
-    The clock starts at the first call (LambdaLR makes it when the scheduler is built).
+    The clock starts now: the Trainer builds its scheduler right before the first step.
     """
-    started: list[float] = []
+    started = clock()
 
     def factor(step: int) -> float:
-        if not started:
-            started.append(clock())
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        by_time = (clock() - started[0]) / budget_s if budget_s else 0.0
+        by_time = (clock() - started) / budget_s if budget_s else 0.0
         return decay_factor(shape, max(by_steps, by_time))
 
     return factor
@@ -265,16 +264,15 @@ def _trainer_classes() -> tuple[type, type]:
             self.examples_seen = 0
             self.tokens_seen = 0
             self.recent_losses: list[float] = []
-            self.budget_decay: tuple[str, int, float | None, Callable[[], float]] | None = None
+            # total steps -> LambdaLR factor; None: transformers' own scheduler
+            self.lr_factor_for: Callable[[int], Callable[[int], float]] | None = None
 
         def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[override]
-            if self.budget_decay is None or self.lr_scheduler is not None:
+            if self.lr_factor_for is None or self.lr_scheduler is not None:
                 return super().create_scheduler(num_training_steps, optimizer)
             from torch.optim.lr_scheduler import LambdaLR
 
-            shape, warmup, budget_s, clock = self.budget_decay
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
-                                         budget_aware_lambda(shape, warmup, num_training_steps, budget_s, clock))
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.lr_factor_for(num_training_steps))
             self._created_lr_scheduler = True
             return self.lr_scheduler
 
@@ -377,7 +375,8 @@ def make_sft_trainer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     quiet_logging(trainer)
     clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
     if config.lr_scheduler in DECAY_SHAPES:
-        trainer.budget_decay = (config.lr_scheduler, config.warmup_steps, config.time_budget_s, clock)
+        trainer.lr_factor_for = partial(budget_aware_lambda, config.lr_scheduler, config.warmup_steps,
+                                        budget_s=config.time_budget_s, clock=clock)
     if config.time_budget_s is not None:
         trainer.add_callback(budget_cls(config.time_budget_s, clock))
     return trainer

@@ -198,8 +198,9 @@ class FakeClock:
 
 def test_decay_ends_at_the_time_budget_when_it_comes_before_the_last_step() -> None:
     clock = FakeClock()
+    # the budget's clock starts when the schedule is made
     factor = budget_aware_lambda("cosine", warmup_steps=2, total_steps=1000, budget_s=10.0, clock=clock)
-    assert factor(0) == pytest.approx(1 / 3)  # warm-up, and the clock starts here
+    assert factor(0) == pytest.approx(1 / 3)  # warm-up
     assert factor(1) == pytest.approx(2 / 3)
     clock.now += 5.0
     assert factor(10) == pytest.approx(0.5)  # half the budget gone, 1% of the steps
