@@ -97,7 +97,7 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
                    "min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
         "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, min(args.cycle_sizes) // 2),
                     "sft_learning_rate": args.learning_rate, "sft_lr_schedule": args.lr_schedule,
-                    "sft_epochs": args.epochs,
+                    "sft_epochs": args.epochs, "lora_top_layers": args.lora_top_layers,
                     "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs,
                     "eval_max_rows": args.eval_max_rows},
     }
@@ -291,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="trainer.sft_lr_schedule (the 2026-11-22 runs used constant).")
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lora-top-layers", type=lambda text: None if text == "all" else int(text), default=10,
+                        help="trainer.lora_top_layers: LoRA on the top N decoder layers of a new adapter, or `all`.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="Prepared student base folder (default: the one `protege serve` prepares in ~/.protege).")

@@ -267,6 +267,13 @@ class TrainerSettings(_Section):
         "the peak until the run stops.",
     )
     sft_epochs: float = Field(2.0, gt=0, description="Passes over the SFT rows per retrain.")
+    lora_top_layers: int | None = Field(
+        10,
+        ge=1,
+        description="A new adapter gets LoRA on the top N decoder layers only (unset: every layer). "
+        "Fewer layers train faster per example; more can reach higher accuracy given the time "
+        "(docs/trainer.md). A retrain that continues an adapter keeps that adapter's layers.",
+    )
     sft_batch_size: int = Field(16, ge=1, description="SFT examples per optimiser step.")
     sft_time_budget_s: float | None = Field(
         None, gt=0, description="Stop SFT after this many seconds of training (None: no limit)."

@@ -41,7 +41,7 @@ from gateway.adapters_cli import AdminCallFailed
 from gateway.errors import Conflict, ProtegeError
 from gateway.settings import Settings
 from router.calibration import ConfidenceCalibration, calibrate_min_confidence
-from trainer.config import DPORunConfig, KTORunConfig, SFTRunConfig, TrainResult
+from trainer.config import DPORunConfig, KTORunConfig, LoraPlacement, SFTRunConfig, TrainResult
 from trainer.evaluate import EvalResult, evaluate
 from trainer.gateway_client import GatewayClient
 
@@ -510,8 +510,9 @@ def regression_check(current_reg: EvalResult, candidate_reg: EvalResult, current
 def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     t = settings.trainer
     scheduler = "constant_with_warmup" if t.sft_lr_schedule == "constant" else t.sft_lr_schedule
-    sft = SFTRunConfig(learning_rate=t.sft_learning_rate, lr_scheduler=scheduler, epochs=t.sft_epochs,
-                       batch_size=t.sft_batch_size, time_budget_s=t.sft_time_budget_s)
+    sft = SFTRunConfig(lora=LoraPlacement(top_layers=t.lora_top_layers), learning_rate=t.sft_learning_rate,
+                       lr_scheduler=scheduler, epochs=t.sft_epochs, batch_size=t.sft_batch_size,
+                       time_budget_s=t.sft_time_budget_s)
     return RetrainOptions(task=task, init_from=t.init_from, sft=sft, min_new_examples=t.min_new_examples,
                           dpo_min_pairs=t.dpo_min_pairs, kto_min_rows=t.kto_min_rows,
                           promote_margin=t.promote_margin,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from feedback.store import open_database
 from tests.conftest import make_settings
@@ -384,3 +385,16 @@ def test_settings_pick_the_sft_learning_rate_schedule(tmp_path: Path, schedule: 
     trainer = {"sft_time_budget_s": 900} if schedule is None else {"sft_lr_schedule": schedule}
     options = retrain_options(make_settings(tmp_path, trainer=trainer), "banking77")
     assert options.sft.lr_scheduler == scheduler
+
+
+@pytest.mark.parametrize(("top_layers", "expected"), [("default", 10), (30, 30), (None, None)])
+def test_settings_place_a_new_adapters_lora_layers(tmp_path: Path, top_layers: object,
+                                                   expected: int | None) -> None:
+    trainer = {} if top_layers == "default" else {"lora_top_layers": top_layers}
+    options = retrain_options(make_settings(tmp_path, trainer=trainer), "banking77")
+    assert options.sft.lora.top_layers == expected
+
+
+def test_lora_top_layers_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="lora_top_layers"):
+        make_settings(tmp_path, trainer={"lora_top_layers": 0})
