@@ -17,8 +17,10 @@ has no calibrated cascade threshold (base@v0: no student call at all), until a r
 version and calibrates its own threshold for `--target-quality` on its held-out evaluation; from
 then on the cascade decides after the student answered.
 
-    python -m bench.loop --requests-per-cycle 8000,1000,1000 --sft-budget-s 1500,900,900 \
-        --test-sample 200 --eval-max-rows 200 --concurrency 16 --dpo-min-pairs 1000000000
+    python -m bench.loop --requests-per-cycle 8000,1000,1000 --sft-budget-s 2400,900,900 \
+        --test-sample 400 --eval-max-rows 200 --concurrency 16 --dpo-min-pairs 1000000000 \
+        --lora-top-layers all --out bench/out/loop5
+    python -m bench.loop --rescore --test-sample all --out bench/out/loop5   # the whole test split
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
     }
     path = home / "protege.yaml"
     home.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def moved_endpoints(path: Path, port: int, teacher_url: str) -> Path:
+    """An earlier run's config with this run's ports; everything else (trainer, router) as it ran."""
+    config = yaml.safe_load(path.read_text())
+    config["server"]["port"] = port
+    config["teacher"]["api_base"] = f"{teacher_url}/v1"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -223,10 +234,10 @@ def run_retrain(config: Path, db_path: Path, log_path: Path, sft_budget_s: float
                           float(timings.get("train_s", 0.0)))
 
 
-def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
+def write_outputs(out: Path, figures: list[CycleFigures], name: str = "loop") -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(f) for f in figures]
-    with (out / "loop.csv").open("w", newline="") as handle:
+    with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -238,8 +249,8 @@ def write_outputs(out: Path, figures: list[CycleFigures]) -> str:
         f"| {f.system_accuracy:.1%} | {f.teacher_share:.1%} | {f.teacher_cost_avoided_usd:.4f} | {f.p50_ms:.0f} "
         f"| {f.p95_ms:.0f} | {f.retrain_status} | {f.retrain_wall_s:.0f} ({f.train_s:.0f}) |" for f in figures]
     table = "\n".join(lines)
-    (out / "loop.md").write_text(table + "\n")
-    _plot(out / "loop.png", figures)
+    (out / f"{name}.md").write_text(table + "\n")
+    _plot(out / f"{name}.png", figures)
     return table
 
 
@@ -271,7 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--requests-per-cycle", default="3000",
                         help="User requests before each retrain: one number, or one per cycle (500,1500,2000).")
-    parser.add_argument("--test-sample", type=int, default=400)
+    parser.add_argument("--test-sample", type=lambda text: None if text == "all" else int(text), default=400,
+                        help="Test rows measured after each cycle (a fixed random sample), or `all` (3,080).")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--teacher-error-rate", type=float, default=0.0)
     parser.add_argument("--min-confidence", type=float, default=None,
@@ -297,6 +309,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="Prepared student base folder (default: the one `protege serve` prepares in ~/.protege).")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: 48 requests, one cycle, 16 test rows.")
+    parser.add_argument("--rescore", action="store_true",
+                        help="No traffic, no retrain: serve the home an earlier run left in --out and measure "
+                             "what it serves now on --test-sample (e.g. `all`), into rescore.md.")
     args = parser.parse_args(argv)
     args.out = args.out.absolute()
     if args.quick:
@@ -331,6 +346,10 @@ def measured(cycle: int, url: str, sample: list[Row], labels: list[str], concurr
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    home = args.out / "home"
+    if args.rescore and not (home / "protege.yaml").is_file():
+        print(f"--rescore: no earlier run's home in {home}", file=sys.stderr)
+        return 2
     data_dir = args.data_dir or default_data_dir(REPO_ROOT)
     if not (data_dir / "train.csv").is_file():
         print(f"BANKING77 not found at {data_dir}; pass --data-dir", file=sys.stderr)
@@ -339,16 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
     rng = random.Random(args.seed)
     rng.shuffle(train)
-    sample = rng.sample(test, args.test_sample)
+    sample = test if args.test_sample is None else rng.sample(test, args.test_sample)
     teacher = ServerThread(teacher_stand_in(train + test, labels, args.teacher_error_rate, args.seed).app).start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    home = args.out / "home"
-    config = write_config(home, port, teacher.url, args)
+    if args.rescore:
+        config = moved_endpoints(home / "protege.yaml", port, teacher.url)
+    else:
+        config = write_config(home, port, teacher.url, args)
     gateway = start_gateway(config, args.out / "gateway.log", url, timeout_s=900)
     figures: list[CycleFigures] = []
     started = time.monotonic()
     try:
+        if args.rescore:
+            rescored = measured(args.cycles, url, sample, labels, args.concurrency, RetrainOutcome("-", 0.0, 0), 0)
+            print(write_outputs(args.out, [rescored], name="rescore"), flush=True)
+            print(f"rescored on {len(sample)} test rows")
+            return 0
         figures.append(measured(0, url, sample, labels, args.concurrency, RetrainOutcome("-", 0.0, 0), 0))
         print(write_outputs(args.out, figures), flush=True)
         sent = 0

@@ -1,0 +1,41 @@
+"""The closed-loop benchmark's command line and config handling (the loop itself runs in .ci/run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.loop import main, moved_endpoints, parse_args, write_config
+from gateway.settings import load_settings
+
+
+def test_lora_layers_and_test_sample_accept_all(tmp_path: Path) -> None:
+    args = parse_args(["--lora-top-layers", "all", "--test-sample", "all", "--out", str(tmp_path)])
+    assert args.lora_top_layers is None
+    assert args.test_sample is None
+    config = write_config(tmp_path / "home", 8000, "http://127.0.0.1:9", args)
+    assert load_settings(config_file=config, environ={}).trainer.lora_top_layers is None
+
+
+def test_defaults_keep_the_top_ten_layers_and_a_sample(tmp_path: Path) -> None:
+    args = parse_args(["--out", str(tmp_path)])
+    assert (args.lora_top_layers, args.test_sample) == (10, 400)
+    config = write_config(tmp_path / "home", 8000, "http://127.0.0.1:9", args)
+    assert load_settings(config_file=config, environ={}).trainer.lora_top_layers == 10
+
+
+def test_rescoring_moves_only_the_ports_of_the_earlier_run(tmp_path: Path) -> None:
+    ran = parse_args(["--lora-top-layers", "all", "--learning-rate", "3e-4", "--out", str(tmp_path)])
+    config = write_config(tmp_path / "home", 8000, "http://127.0.0.1:9", ran)
+    moved = yaml.safe_load(moved_endpoints(config, 8123, "http://127.0.0.1:9999").read_text())
+    assert moved["server"]["port"] == 8123
+    assert moved["teacher"]["api_base"] == "http://127.0.0.1:9999/v1"
+    assert moved["trainer"]["lora_top_layers"] is None
+    assert moved["trainer"]["sft_learning_rate"] == pytest.approx(3e-4)
+
+
+def test_rescore_without_an_earlier_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--rescore", "--out", str(tmp_path)]) == 2
+    assert "no earlier run's home" in capsys.readouterr().err
