@@ -275,6 +275,11 @@ def _plot(path: Path, figures: list[CycleFigures]) -> None:
     plt.close(fig)
 
 
+def count_or_all(text: str) -> int | None:
+    """A count, or `all` (None: no limit)."""
+    return None if text == "all" else int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=None, help="BANKING77 folder (default ../shared/data/banking77).")
@@ -282,7 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--requests-per-cycle", default="3000",
                         help="User requests before each retrain: one number, or one per cycle (500,1500,2000).")
-    parser.add_argument("--test-sample", type=lambda text: None if text == "all" else int(text), default=400,
+    parser.add_argument("--test-sample", type=count_or_all, default=400,
                         help="Test rows measured after each cycle (a fixed random sample), or `all` (3,080).")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--teacher-error-rate", type=float, default=0.0)
@@ -303,7 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="trainer.sft_lr_schedule (the 2026-11-22 runs used constant).")
     parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--lora-top-layers", type=lambda text: None if text == "all" else int(text), default=10,
+    parser.add_argument("--lora-top-layers", type=count_or_all, default=10,
                         help="trainer.lora_top_layers: LoRA on the top N decoder layers of a new adapter, or `all`.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=None,
