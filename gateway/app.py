@@ -152,7 +152,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProtegeError)
     async def on_protege_error(request: Request, error: ProtegeError) -> JSONResponse:
         count(request, error)
-        return error_response(error, getattr(request.state, "request_id", None))
+        return error_response(error, error.request_id)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

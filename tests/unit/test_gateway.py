@@ -88,6 +88,25 @@ def test_explicit_student_does_not_fall_back(client_factory, fake_student) -> No
     assert response.json()["error"]["code"] == "upstream_unavailable"
     [row] = rows(client, settings)
     assert (row["status"], row["http_status"]) == ("error", 503)
+    assert response.headers["x-protege-request-id"] == row["id"]  # the failed call can be found and rated
+
+
+def test_stream_error_before_first_byte_names_the_logged_request(client_factory, fake_student) -> None:
+    client, settings = client_factory()
+    fake_student.enqueue(BackendUnavailable("down", backend="student"))
+    response = client.post("/v1/chat/completions", json={"model": "student", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 503
+    [row] = rows(client, settings)
+    assert (row["status"], row["http_status"]) == ("error", 503)
+    assert response.headers["x-protege-request-id"] == row["id"]
+
+
+def test_refused_before_logging_carries_no_request_id(client_factory) -> None:
+    client, settings = client_factory()
+    response = client.post("/v1/chat/completions", json={"model": "auto", "messages": "not a list"})
+    assert response.status_code == 400
+    assert "x-protege-request-id" not in response.headers
+    assert rows(client, settings) == []
 
 
 def test_teacher_model_goes_to_teacher(client_factory, fake_teacher) -> None:
