@@ -263,12 +263,12 @@ def score_rows(name: str, rows: Sequence[PromptRow], answers: Sequence[str]) -> 
 def gate(cache: AnswerCache, clean_dir: Path, candidate_dir: Path, manifest: Manifest,
          settings: Settings) -> GateOutcome:
     """``judge`` with the clean adapter as the current one, on the poisoned build's own rows."""
-    from trainer.retrain import judge
+    from trainer.retrain import eval_sample, judge
 
     limit = settings.trainer.eval_max_rows
     scores: dict[str, EvalResult] = {}
     for split, file in (("heldout", SFT_EVAL), ("regression", REGRESSION)):
-        rows = read_jsonl(manifest.path / file)[:limit]
+        rows = eval_sample(read_jsonl(manifest.path / file), limit)
         if not rows:
             continue
         for who, adapter in (("current", clean_dir), ("candidate", candidate_dir)):

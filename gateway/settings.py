@@ -288,7 +288,10 @@ class TrainerSettings(_Section):
         "adapter on thumbs up/down when at least this many new KTO rows, with both kinds, arrived.",
     )
     eval_max_rows: int = Field(
-        300, ge=1, description="Held-out and regression rows scored per adapter in a retrain."
+        300,
+        ge=1,
+        description="Held-out and regression rows scored per adapter in a retrain (a larger file "
+        "is sampled by a hash of each prompt, over all its traffic).",
     )
     promote_margin: float = Field(
         0.01, ge=0, description="A candidate must beat the current adapter by this much."

@@ -23,6 +23,7 @@ alias change, so re-running is safe.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -336,8 +337,8 @@ class Cycle:
 
     def _evaluate_and_decide(self, report: CycleReport, manifest: Manifest, parent: str) -> None:
         opts = self.options
-        heldout = _read_jsonl(manifest.path / "sft.eval.jsonl")[: opts.eval_max_rows]
-        regression = _read_jsonl(manifest.path / "regression.jsonl")[: opts.eval_max_rows]
+        heldout = eval_sample(_read_jsonl(manifest.path / "sft.eval.jsonl"), opts.eval_max_rows)
+        regression = eval_sample(_read_jsonl(manifest.path / "regression.jsonl"), opts.eval_max_rows)
         scores: dict[str, EvalResult] = {}
         for label, rows in (("heldout", heldout), ("regression", regression)):
             for who, version in (("current", parent), ("candidate", report.candidate)):
@@ -372,6 +373,22 @@ class Cycle:
             "min_confidence": threshold.min_confidence, "teacher_share": threshold.teacher_share,
             "quality": threshold.quality, "reached_target": threshold.reached_target,
             "target_quality": router.calibrate_target_quality, "statistic": router.cascade_statistic}
+
+
+def eval_sample(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` rows, chosen by a hash of each prompt, in file order.
+
+    The files list rows in arrival order: their first rows would be the same oldest traffic every
+    cycle, and what users ask now would never be scored. A hash spreads the sample over all of
+    it, and stays put between cycles: a row once chosen stays chosen until rows with smaller
+    hashes arrive, so successive cycles score mostly the same rows.
+    """
+    if len(rows) <= limit:
+        return rows
+    def rank(index: int) -> str:
+        return hashlib.sha256(json.dumps(rows[index].get("prompt"), sort_keys=True).encode()).hexdigest()
+    chosen = sorted(sorted(range(len(rows)), key=rank)[:limit])
+    return [rows[i] for i in chosen]
 
 
 MIN_CALIBRATION_ROWS = 20

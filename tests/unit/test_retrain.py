@@ -22,6 +22,7 @@ from trainer.retrain import (
     Cycle,
     RetrainOptions,
     cascade_threshold,
+    eval_sample,
     judge,
     parse_every,
     retrain_lock,
@@ -398,3 +399,32 @@ def test_settings_place_a_new_adapters_lora_layers(tmp_path: Path, top_layers: o
 def test_lora_top_layers_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="lora_top_layers"):
         make_settings(tmp_path, trainer={"lora_top_layers": 0})
+
+
+def _prompt_rows(ids: range) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"message {i}"}], "completion": []} for i in ids]
+
+
+def test_eval_sample_spreads_over_all_traffic_not_the_oldest() -> None:
+    rows = _prompt_rows(range(1000))
+    sample = eval_sample(rows, 100)
+    positions = [rows.index(row) for row in sample]
+    assert len(sample) == 100 and positions == sorted(positions)  # file (arrival) order kept
+    assert positions[-1] >= 900 and positions[0] < 100  # the newest traffic is scored too
+    assert eval_sample(list(reversed(rows)), 100) == list(reversed(sample))  # chosen by content, not place
+    assert eval_sample(rows[:50], 100) == rows[:50]
+
+
+def test_eval_sample_keeps_its_rows_as_traffic_grows() -> None:
+    before = eval_sample(_prompt_rows(range(1000)), 100)
+    after = eval_sample(_prompt_rows(range(1100)), 100)
+    # A row leaves the sample only for a new row with a smaller hash: ~100/1100 of it turns over.
+    kept = [row for row in after if row in before]
+    assert len(kept) >= 80
+    assert all(row in before for row in after if int(row["prompt"][0]["content"].split()[1]) < 1000)
+
+
+def test_the_cycle_scores_at_most_eval_max_rows(settings) -> None:  # noqa: ANN001
+    gateway = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": truth})
+    report = cycle(settings, gateway, [], eval_max_rows=5).run()
+    assert report.metrics["candidate_heldout"]["rows"] == report.metrics["current_heldout"]["rows"] == 5
