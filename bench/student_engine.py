@@ -1,15 +1,18 @@
-"""Student engine throughput: completion tokens/s through the gateway vs straight to vLLM, for
-one adapter, one request at a time and 8 at once (the gateway's overhead on the student path).
+"""Student engine throughput: completion tokens/s through the gateway vs straight to vLLM, one
+request at a time and 8 at once (the gateway's overhead on the student path), and a trained
+adapter against ``base@v0`` (what serving LoRA costs).
 
     python bench/student_engine.py --gateway-url http://127.0.0.1:8000/v1 \\
-        --vllm-url http://127.0.0.1:8001/v1 --adapter base
+        --vllm-url http://127.0.0.1:8001/v1 --adapter base banking77
     python bench/student_engine.py --vllm-url http://127.0.0.1:8001/v1 --vllm-model support@v2
 
-The gateway is asked for ``student:<adapter>``; vLLM for the version the gateway says served it
-(its answer's ``model`` is ``student:<task>@v<N>``), or ``--vllm-model``. Greedy decoding, same
-prompts, same ``max_tokens`` on both sides; a warm-up round is not counted. The gateway key is
-read from the environment variable named by ``--api-key-env`` (never from the command line).
-Results: a table on stdout and JSON in ``--out`` (default bench/out/student_engine.json).
+The gateway is asked for ``student:<adapter>`` for each ``--adapter``; vLLM for the version the
+gateway says served it (its answer's ``model`` is ``student:<task>@v<N>``), or ``--vllm-model``
+(one adapter only). Greedy decoding, same prompts, same ``max_tokens`` on every target; the
+targets take turns at each concurrency so that drifting machine load hits all alike; a warm-up
+round is not counted. The gateway key is read from the environment variable named by
+``--api-key-env`` (never from the command line). Results: a table and the ratios on stdout, JSON
+in ``--out`` (default bench/out/student_engine.json).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ PROMPTS = [
 class Result:
     target: str
     model: str
+    version: str  # the adapter version that answered: the same on both targets of one adapter
     concurrency: int
     requests: int
     failed: int
@@ -59,6 +63,7 @@ class Target:
     url: str
     model: str
     headers: dict[str, str]
+    version: str = ""
 
 
 async def one_call(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> tuple[int, float]:
@@ -95,7 +100,8 @@ async def run_round(client: httpx.AsyncClient, target: Target, concurrency: int,
     wall = time.perf_counter() - started
     ordered = sorted(latencies) or [float("nan")]
     return Result(
-        target=target.name, model=target.model, concurrency=concurrency, requests=requests,
+        target=target.name, model=target.model, version=target.version or target.model,
+        concurrency=concurrency, requests=requests,
         failed=len(failures), completion_tokens=sum(tokens), wall_s=round(wall, 3),
         tokens_per_s=round(sum(tokens) / wall, 2) if wall > 0 else 0.0,
         latency_p50_s=round(statistics.median(ordered), 3),
@@ -113,56 +119,84 @@ async def served_version(client: httpx.AsyncClient, gateway: Target, max_tokens:
     return model.split(":", 1)[1] if model.startswith("student:") else model
 
 
-def gateway_target(args: argparse.Namespace) -> Target:
+def gateway_target(args: argparse.Namespace, adapter: str) -> Target:
     key = os.environ.get(args.api_key_env)
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    return Target("gateway", args.gateway_url.rstrip("/"), f"student:{args.adapter}", headers)
+    return Target("gateway", args.gateway_url.rstrip("/"), f"student:{adapter}", headers)
+
+
+async def targets(client: httpx.AsyncClient, args: argparse.Namespace) -> list[Target]:
+    """Per adapter: the gateway's ``student:<adapter>``, then vLLM asked for the version it served."""
+    chosen = []
+    for adapter in args.adapter:
+        vllm_model = args.vllm_model
+        if args.gateway_url:
+            gateway = gateway_target(args, adapter)
+            version = await served_version(client, gateway, args.max_tokens)
+            chosen.append(replace(gateway, version=version))
+            vllm_model = vllm_model or version
+        if args.vllm_url:
+            if not vllm_model:
+                raise SystemExit("--vllm-model is needed without --gateway-url (e.g. base@v0)")
+            chosen.append(Target("vllm", args.vllm_url.rstrip("/"), vllm_model, {}, vllm_model))
+    return chosen
 
 
 async def bench(args: argparse.Namespace) -> list[Result]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
-        chosen = []
-        vllm_model = args.vllm_model
-        if args.gateway_url:
-            gateway = gateway_target(args)
-            chosen.append(gateway)
-            vllm_model = vllm_model or await served_version(client, gateway, args.max_tokens)
-        if args.vllm_url:
-            if not vllm_model:
-                raise SystemExit("--vllm-model is needed without --gateway-url (e.g. base@v0)")
-            chosen.append(Target("vllm", args.vllm_url.rstrip("/"), vllm_model, {}))
+        chosen = await targets(client, args)
         for target in chosen:  # warm-up: first calls pay for connections and prefix caches
             await run_round(client, target, 2, 2, args.max_tokens)
         results = []
         for concurrency in args.concurrency:
             requests = max(args.requests, 2 * concurrency)
-            for target in chosen:  # interleaved, so drifting machine load hits both alike
+            for target in chosen:  # interleaved, so drifting machine load hits all alike
                 results.append(await run_round(client, target, concurrency, requests, args.max_tokens))
         return results
 
 
 def report(results: list[Result]) -> str:
-    header = (f"{'target':8} {'model':22} {'conc':>4} {'reqs':>4} {'fail':>4} {'tok/s':>8} "
+    header = (f"{'target':8} {'model':22} {'version':18} {'conc':>4} {'reqs':>4} {'fail':>4} {'tok/s':>8} "
               f"{'p50 s':>7} {'p95 s':>7}")
     lines = [header]
     for r in results:
-        lines.append(f"{r.target:8} {r.model[:22]:22} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} "
+        lines.append(f"{r.target:8} {r.model[:22]:22} {r.version[:18]:18} {r.concurrency:>4} {r.requests:>4} "
+                     f"{r.failed:>4} "
                      f"{r.tokens_per_s:>8.1f} {r.latency_p50_s:>7.2f} {r.latency_p95_s:>7.2f}")
-    by_key = {(r.target, r.concurrency): r for r in results}
-    for concurrency in sorted({r.concurrency for r in results}):
-        gateway, vllm = by_key.get(("gateway", concurrency)), by_key.get(("vllm", concurrency))
-        if gateway and vllm and vllm.tokens_per_s:
-            share = 100 * gateway.tokens_per_s / vllm.tokens_per_s
-            lines.append(f"concurrency {concurrency}: gateway reaches {share:.1f}% of vLLM's tokens/s")
-    return "\n".join(lines)
+    return "\n".join(lines + ratios(results))
+
+
+def ratios(results: list[Result]) -> list[str]:
+    """Gateway against vLLM for the same version, and each adapter against the first one asked
+    (``base@v0`` when ``--adapter base`` comes first), both at the same concurrency."""
+    lines = []
+    vllm = {(r.version, r.concurrency): r for r in results if r.target == "vllm"}
+    for r in results:
+        direct = vllm.get((r.version, r.concurrency)) if r.target == "gateway" else None
+        if direct and direct.tokens_per_s:
+            lines.append(f"concurrency {r.concurrency}, {r.version}: gateway reaches "
+                         f"{100 * r.tokens_per_s / direct.tokens_per_s:.1f}% of vLLM's tokens/s")
+    for target in ("gateway", "vllm"):
+        rows = [r for r in results if r.target == target]
+        for concurrency in sorted({r.concurrency for r in rows}):
+            same = [r for r in rows if r.concurrency == concurrency]
+            first = same[0]
+            for other in same[1:]:
+                if first.tokens_per_s:
+                    lines.append(f"concurrency {concurrency}, {target}: {other.version} reaches "
+                                 f"{100 * other.tokens_per_s / first.tokens_per_s:.1f}% of "
+                                 f"{first.version}'s tokens/s")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway-url", default=None, help="Gateway OpenAI base, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--vllm-url", default=None, help="vLLM OpenAI base, e.g. http://127.0.0.1:8001/v1")
-    parser.add_argument("--adapter", default="base", help="Adapter alias asked of the gateway (student:<alias>).")
+    parser.add_argument("--adapter", nargs="+", default=["base"],
+                        help="Adapter aliases asked of the gateway (student:<alias>), in turn; the "
+                        "first is the reference of the adapter ratios (e.g. base banking77).")
     parser.add_argument("--vllm-model", default=None, help="Model name for vLLM; default: what the gateway served.")
     parser.add_argument("--api-key-env", default="PROTEGE_API_KEY", help="Env var holding the gateway key.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
@@ -173,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.gateway_url and not args.vllm_url:
         parser.error("give --gateway-url, --vllm-url or both")
+    if args.vllm_model and len(args.adapter) > 1:
+        parser.error("--vllm-model names one version: give one --adapter with it")
     results = asyncio.run(bench(args))
     print(report(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
