@@ -4,6 +4,7 @@ modules (torch, trl, vllm) are imported only by the sub-commands that need them.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -43,6 +44,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    # Start-up leaves ~110k long-lived objects (modules, pydantic schemas, and pandas/numpy, which
+    # sqlite_utils imports whenever they are installed) that every full collection would walk:
+    # 80-120 ms of stopped event loop, a p99.9 spike. Frozen, collections skip them.
+    gc.freeze()
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
                 log_level=settings.server.log_level, access_log=False, loop="uvloop", http="httptools")
     return 0
