@@ -46,7 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # Start-up leaves ~110k long-lived objects (modules, pydantic schemas, and pandas/numpy, which
     # sqlite_utils imports whenever they are installed) that every full collection would walk:
-    # 80-120 ms of stopped event loop, a p99.9 spike. Frozen, collections skip them.
+    # 45 ms of stopped event loop on a quiet 2-core box, 80-120 ms on a busy one: a p99.9 spike.
+    # Frozen, collections skip them (measured: under 0.01 ms).
     gc.freeze()
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
                 log_level=settings.server.log_level, access_log=False, loop="uvloop", http="httptools")
