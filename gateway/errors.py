@@ -12,8 +12,8 @@ class ProtegeError(Exception):
     status_code = 500
     error_type = "internal_error"
     default_code: str | None = "internal_error"
-    # Set once the request was logged under an id: the error answer carries it, so a caller can
-    # find the failed call in the log and give feedback on it like any other.
+    # Set by CallRecord.fail once the request is logged under an id: the error answer carries
+    # it, so a caller can find the failed call in the log and give feedback on it like any other.
     request_id: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:

@@ -61,6 +61,7 @@ class CallRecord:
     finished: bool = False
 
     def fail(self, error: ProtegeError) -> None:
+        error.request_id = self.id  # the error answer names the row it was logged under
         self.status = "error"
         self.http_status = error.status_code
         self.error = f"{error.code}: {error.message}"

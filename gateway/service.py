@@ -171,7 +171,6 @@ class ChatService:
             return body, record
         except ProtegeError as error:
             record.fail(error)
-            error.request_id = record.id
             raise
         finally:
             self._finish(record)
@@ -266,7 +265,6 @@ class ChatService:
             first = await _first_chunk(upstream)
         except ProtegeError as error:
             record.fail(error)
-            error.request_id = record.id
             self._finish(record)
             raise
         except BaseException:
