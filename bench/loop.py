@@ -101,7 +101,7 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
                     "sft_learning_rate": args.learning_rate, "sft_lr_schedule": args.lr_schedule,
                     "sft_epochs": args.epochs, "lora_top_layers": args.lora_top_layers,
                     "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs,
-                    "eval_max_rows": args.eval_max_rows},
+                    "eval_max_rows": args.eval_max_rows, "calibration_max_rows": args.calibration_max_rows},
     }
     path = home / "protege.yaml"
     home.mkdir(parents=True, exist_ok=True)
@@ -304,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="trainer.sft_time_budget_s per retrain: one number, or one per cycle (1500,900,900).")
     parser.add_argument("--eval-max-rows", type=int, default=300,
                         help="trainer.eval_max_rows: held-out and regression rows scored per adapter.")
+    parser.add_argument("--calibration-max-rows", type=int, default=1000,
+                        help="trainer.calibration_max_rows: held-out rows a promoted version's threshold is fitted on.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="trainer.sft_lr_schedule (the 2026-11-22 runs used constant).")

@@ -293,6 +293,13 @@ class TrainerSettings(_Section):
         description="Held-out and regression rows scored per adapter in a retrain (a larger file "
         "is sampled by a hash of each prompt, over all its traffic).",
     )
+    calibration_max_rows: int = Field(
+        1000,
+        ge=1,
+        description="Held-out rows a promoted candidate's cascade threshold is fitted on: the "
+        "judged ones plus more in the same hash order, scored only once it is promoted (the "
+        "threshold sets the teacher share from the tail of a few errors).",
+    )
     promote_margin: float = Field(
         0.01, ge=0, description="A candidate must beat the current adapter by this much."
     )

@@ -21,6 +21,7 @@ from trainer.retrain import (
     MIN_BASELINE_ROWS,
     Cycle,
     RetrainOptions,
+    calibration_extra,
     cascade_threshold,
     eval_sample,
     judge,
@@ -352,6 +353,29 @@ def test_promotion_gives_the_candidate_its_own_cascade_threshold(tmp_path) -> No
     assert json.loads(run["metrics"])["calibration"]["min_confidence"] == threshold
 
 
+def test_threshold_is_fitted_on_more_held_out_rows_than_the_judge_scores(tmp_path) -> None:  # noqa: ANN001
+    settings = make_settings(tmp_path / "home")
+    seed_labelled_traffic(settings.db_path, 400)
+    asked: dict[str, list[str]] = {}
+
+    def recorded(version: str, policy: Any) -> Any:  # noqa: ANN401
+        def answer(messages: list[dict]) -> str:
+            asked.setdefault(version, []).append(messages[-1]["content"])
+            return policy(messages)
+        return answer
+
+    gateway = FakeGateway({"base@v0": recorded("base@v0", lambda m: "wrong_label"),
+                           "intents@v1": recorded("intents@v1", truth)})
+    report = cycle(settings, gateway, [], eval_max_rows=10, calibration_max_rows=30).run()
+    assert report.status == "promoted", report.reason
+    judged = report.metrics["candidate_heldout"]["rows"]
+    assert judged == 10 and report.metrics["current_heldout"]["rows"] == 10
+    assert report.metrics["calibration"]["rows"] > judged
+    # The extra rows are scored once, for the promoted candidate only; never twice, never for base.
+    assert len(set(asked["intents@v1"])) == len(asked["intents@v1"])
+    assert len(asked["base@v0"]) == 10
+
+
 def test_rejected_candidate_keeps_no_threshold_and_calibration_can_be_off(tmp_path) -> None:  # noqa: ANN001
     gateway = FakeGateway({"intents@v1": truth, "intents@v2": lambda m: "lost_card"})
     gateway.alias, gateway.registered = "intents@v1", ["intents@v1"]
@@ -368,12 +392,12 @@ def test_rejected_candidate_keeps_no_threshold_and_calibration_can_be_off(tmp_pa
 
 
 def test_cascade_threshold_needs_enough_rows_with_confidence() -> None:
-    few = EvalResult("m", 10, 5, 0, tuple(ScoredRow(i % 2 == 0, -0.5, -1.0) for i in range(10)))
+    few = tuple(ScoredRow(i % 2 == 0, -0.5, -1.0) for i in range(10))
     assert cascade_threshold(few, 0.95, "mean") is None
     rows = tuple(ScoredRow(i % 4 != 0, -3.0 if i % 4 == 0 else -0.2, -5.0 if i % 4 == 0 else -0.4)
                  for i in range(40))
-    by_mean = cascade_threshold(EvalResult("m", 40, 30, 0, rows), 0.95, "mean")
-    by_min = cascade_threshold(EvalResult("m", 40, 30, 0, rows), 0.95, "min")
+    by_mean = cascade_threshold(rows, 0.95, "mean")
+    by_min = cascade_threshold(rows, 0.95, "min")
     assert by_mean is not None and -3.0 < by_mean.min_confidence < -0.2
     assert by_min is not None and -5.0 < by_min.min_confidence < -0.4
     assert by_mean.teacher_share == pytest.approx(0.25)
@@ -413,6 +437,14 @@ def test_eval_sample_spreads_over_all_traffic_not_the_oldest() -> None:
     assert positions[-1] >= 900 and positions[0] < 100  # the newest traffic is scored too
     assert eval_sample(list(reversed(rows)), 100) == list(reversed(sample))  # chosen by content, not place
     assert eval_sample(rows[:50], 100) == rows[:50]
+
+
+def test_calibration_extra_continues_the_judged_sample() -> None:
+    rows = _prompt_rows(range(500))
+    judged, extra = eval_sample(rows, 100), calibration_extra(rows, 100, 300)
+    assert len(extra) == 200 and not [row for row in extra if row in judged]
+    assert sorted(judged + extra, key=rows.index) == eval_sample(rows, 300)
+    assert calibration_extra(rows, 100, 50) == [] and calibration_extra(rows[:80], 100, 300) == []
 
 
 def test_eval_sample_keeps_its_rows_as_traffic_grows() -> None:
