@@ -98,7 +98,8 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
         "router": {"policies": ["explicit", "rules", "uncalibrated", "fallback", "cascade"],
                    "min_confidence": args.min_confidence, "calibrate_target_quality": args.target_quality},
         "trainer": {"exclude_callers": [EVAL_KEY_ID], "min_new_examples": min(32, min(args.cycle_sizes) // 2),
-                    "sft_learning_rate": args.learning_rate, "sft_lr_schedule": args.lr_schedule,
+                    "sft_learning_rate": args.learning_rate,
+                    "sft_continue_learning_rate": args.continue_learning_rate, "sft_lr_schedule": args.lr_schedule,
                     "sft_epochs": args.epochs, "lora_top_layers": args.lora_top_layers,
                     "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs,
                     "eval_max_rows": args.eval_max_rows, "calibration_max_rows": args.calibration_max_rows},
@@ -307,6 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-max-rows", type=int, default=1000,
                         help="trainer.calibration_max_rows: held-out rows a promoted version's threshold is fitted on.")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--continue-learning-rate", type=float, default=None,
+                        help="trainer.sft_continue_learning_rate: peak rate of a retrain continuing the served adapter.")
     parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="trainer.sft_lr_schedule (the 2026-11-22 runs used constant).")
     parser.add_argument("--epochs", type=float, default=2.0)

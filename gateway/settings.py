@@ -260,6 +260,13 @@ class TrainerSettings(_Section):
         "current", description="Retrain continues the served adapter (`current`) or starts from the base."
     )
     sft_learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the LoRA SFT.")
+    sft_continue_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Peak SFT learning rate when a retrain continues the served adapter "
+        "(`init_from: current`); unset: `sft_learning_rate`. The fresh-adapter rate warms a "
+        "converged adapter back up and can undo it in a short run.",
+    )
     sft_lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine",
         description="After warm-up the SFT learning rate decays to zero (`cosine`, `linear`) at the "

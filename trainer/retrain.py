@@ -59,6 +59,8 @@ class RetrainOptions:
     task: str
     init_from: str = "current"  # "current": continue the served adapter; "base": start fresh
     sft: SFTRunConfig = field(default_factory=SFTRunConfig)
+    # Peak SFT rate when continuing a served adapter (None: sft.learning_rate).
+    continue_learning_rate: float | None = None
     dpo: DPORunConfig | None = field(default_factory=DPORunConfig)
     min_new_examples: int = 32
     dpo_min_pairs: int = 64
@@ -229,6 +231,7 @@ class Cycle:
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"init_from": self.options.init_from, "sft": asdict(self.options.sft),
+                "continue_learning_rate": self.options.continue_learning_rate,
                 "dpo": asdict(self.options.dpo) if self.options.dpo else None,
                 "kto": asdict(self.options.kto) if self.options.kto else None,
                 "promote_margin": self.options.promote_margin,
@@ -321,7 +324,7 @@ class Cycle:
         s = self.settings
         sft_rows = _read_jsonl(manifest.path / "sft.train.jsonl")
         train_sft = self.train_sft or _default_sft()
-        result = train_sft(s.student_model_dir, sft_rows, out_dir / "sft", self.options.sft, init)
+        result = train_sft(s.student_model_dir, sft_rows, out_dir / "sft", self._sft_config(init), init)
         log.info("SFT: %d examples in %.0fs (%.2f/s), loss %.3f", result.examples, result.seconds,
                  result.examples_per_s, result.final_loss)
         pairs = _read_jsonl(manifest.path / "dpo.train.jsonl")
@@ -330,6 +333,12 @@ class Cycle:
             train_dpo(s.student_model_dir, pairs, out_dir / "dpo", self.options.dpo, out_dir / "sft")
             return out_dir / "dpo", "sft+dpo"
         return out_dir / "sft", "sft"
+
+    def _sft_config(self, init: Path | None) -> SFTRunConfig:
+        continue_rate = self.options.continue_learning_rate
+        if init is None or continue_rate is None:
+            return self.options.sft
+        return replace(self.options.sft, learning_rate=continue_rate)
 
     def _train_kto(self, manifest: Manifest, out_dir: Path, init: Path | None, config: KTORunConfig) -> Path:
         rows = _read_jsonl(manifest.path / "kto.train.jsonl")
@@ -555,7 +564,8 @@ def retrain_options(settings: Settings, task: str) -> RetrainOptions:
                           dpo_min_pairs=t.dpo_min_pairs, kto_min_rows=t.kto_min_rows,
                           promote_margin=t.promote_margin,
                           regression_tolerance=t.regression_tolerance, eval_max_rows=t.eval_max_rows,
-                          calibration_max_rows=t.calibration_max_rows)
+                          calibration_max_rows=t.calibration_max_rows,
+                          continue_learning_rate=t.sft_continue_learning_rate)
 
 
 def parse_every(text: str) -> float:

@@ -75,7 +75,7 @@ class FakeGateway:
 
 def fake_trainer(calls: list[Any]):  # noqa: ANN201
     def train(base_dir: Path, rows: list[dict], out_dir: Path, config: SFTRunConfig, init: Path | None) -> TrainResult:
-        calls.append((len(rows), init))
+        calls.append((len(rows), init, config.learning_rate))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "adapter_config.json").write_text("{}")
         return TrainResult(out_dir, len(rows), 1.0, float(len(rows)), 10, 1.0, 1, 0.5)
@@ -146,6 +146,31 @@ def test_worse_candidate_is_rejected_and_alias_stays(settings) -> None:  # noqa:
     assert "does not beat" in report.reason
     assert gateway.alias == "intents@v1" and gateway.promoted == []
     assert calls[0][1] == Path("/adapters/intents@v1")  # continued from the current adapter
+
+
+@pytest.mark.parametrize(("served", "continue_rate", "expected"), [
+    (None, 2e-4, 1e-3),  # a new adapter: the fresh rate
+    ("intents@v1", 2e-4, 2e-4),  # continuing the served one: its own rate
+    ("intents@v1", None, 1e-3),  # no continuation rate set: the fresh one, as before
+])
+def test_a_continuation_trains_at_its_own_peak_rate(tmp_path: Path, served: str | None,
+                                                   continue_rate: float | None, expected: float) -> None:
+    settings = make_settings(tmp_path / "home")
+    seed_labelled_traffic(settings.db_path, 120)
+    gateway = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": truth, "intents@v2": truth})
+    if served:
+        gateway.alias, gateway.registered = served, [served]
+    calls: list = []
+    cycle(settings, gateway, calls, sft=SFTRunConfig(learning_rate=1e-3), continue_learning_rate=continue_rate).run()
+    assert calls[0][2] == expected
+    [run] = runs(settings)
+    assert json.loads(run["hyperparameters"])["continue_learning_rate"] == continue_rate
+
+
+def test_settings_set_the_continuation_rate(tmp_path: Path) -> None:
+    options = retrain_options(make_settings(tmp_path, trainer={"sft_continue_learning_rate": 2e-4}), "banking77")
+    assert options.continue_learning_rate == 2e-4
+    assert retrain_options(make_settings(tmp_path / "b"), "banking77").continue_learning_rate is None
 
 
 def test_the_regression_check_is_recorded_with_the_cycle(settings) -> None:  # noqa: ANN001
