@@ -102,8 +102,9 @@ def test_enough_sft_rows_train_sft_not_kto(settings) -> None:  # noqa: ANN001
     trainers = Trainers()
     report = trainers.cycle(settings, gateway).run()
     assert trainers.kto == []
-    [(count, init)] = trainers.sft
+    [(count, init, learning_rate)] = trainers.sft
     assert count >= 32 and init is None
+    assert learning_rate == OPTIONS.sft.learning_rate  # a fresh LoRA: the continue rate does not apply
     assert report.method == "sft"
     assert json.loads(runs(settings)[0]["hyperparameters"])["method"] == "sft"
 
