@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,21 @@ def cached_student_gguf() -> Path:
     from trainer.model_prep import GGUF_NAME, ModelPrepError, locate_gguf
 
     cache = Path(os.environ.get("PROTEGE_TEST_CACHE", "~/.cache/protege-test")).expanduser() / "gguf"
-    if (cache / GGUF_NAME).is_file():
-        return cache / GGUF_NAME
+    cached = cache / GGUF_NAME
+    if cached.is_file():
+        return cached
     cache.mkdir(parents=True, exist_ok=True)
-    try:
-        return locate_gguf(cache)
-    except ModelPrepError as exc:
-        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+    # Downloaded and extracted in a scratch folder, then moved into place: a run cut off mid-way
+    # must not leave a truncated file that every later run would take for the model.
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        try:
+            found = locate_gguf(Path(scratch))
+        except ModelPrepError as exc:
+            pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+        if not found.is_relative_to(scratch):
+            return found  # the installed package's own file
+        found.replace(cached)
+    return cached
 
 
 def make_settings(home: Path, **sections: Any) -> Settings:

