@@ -91,7 +91,7 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
         "server": {"port": port, "max_concurrency": 64},
         "auth": {"api_keys": {**USER_KEYS, EVAL_KEY_ID: EVAL_KEY}, "admin_key": ADMIN_KEY},
         # The base folder `protege serve` prepares under ~/.protege, shared across runs.
-        "student": {"default_adapter": TASK, "timeout_s": 120,
+        "student": {"default_adapter": TASK, "timeout_s": 120, "vllm_max_lora_rank": max(16, args.lora_rank),
                     "model_dir": str(args.model_dir or load_settings(environ={}).student_model_dir)},
         "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
                     "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},
@@ -101,6 +101,7 @@ def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespa
                     "sft_learning_rate": args.learning_rate,
                     "sft_continue_learning_rate": args.continue_learning_rate, "sft_lr_schedule": args.lr_schedule,
                     "sft_epochs": args.epochs, "lora_top_layers": args.lora_top_layers,
+                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                     "init_from": args.init_from, "dpo_min_pairs": args.dpo_min_pairs,
                     "eval_max_rows": args.eval_max_rows, "calibration_max_rows": args.calibration_max_rows},
     }
@@ -315,6 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lora-top-layers", type=count_or_all, default=10,
                         help="trainer.lora_top_layers: LoRA on the top N decoder layers of a new adapter, or `all`.")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="trainer.lora_rank of a new adapter; the student's vllm_max_lora_rank is raised to match.")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="trainer.lora_alpha (default: twice the rank).")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="trainer.lora_dropout of a new adapter.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="Prepared student base folder (default: the one `protege serve` prepares in ~/.protege).")

@@ -281,6 +281,25 @@ class TrainerSettings(_Section):
         "Fewer layers train faster per example; more can reach higher accuracy given the time "
         "(docs/trainer.md). A retrain that continues an adapter keeps that adapter's layers.",
     )
+    lora_rank: int = Field(
+        16,
+        ge=1,
+        description="LoRA rank of a new adapter; at most `student.vllm_max_lora_rank`, or vLLM "
+        "refuses the adapter. A retrain that continues an adapter keeps that adapter's rank.",
+    )
+    lora_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha of a new adapter; the update is scaled by alpha/rank. Unset: twice "
+        "the rank.",
+    )
+    lora_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input of a new adapter while it trains; 0 skips the op "
+        "(faster on CPU).",
+    )
     sft_batch_size: int = Field(16, ge=1, description="SFT examples per optimiser step.")
     sft_time_budget_s: float | None = Field(
         None, gt=0, description="Stop SFT after this many seconds of training (None: no limit)."
@@ -363,6 +382,17 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+    @model_validator(mode="after")
+    def _lora_rank_fits_the_student(self) -> Settings:
+        # Checked here, not at load time: a retrain would otherwise spend its whole budget on an
+        # adapter the student server then refuses.
+        if self.trainer.lora_rank > self.student.vllm_max_lora_rank:
+            raise ValueError(
+                f"trainer.lora_rank {self.trainer.lora_rank} is above student.vllm_max_lora_rank "
+                f"{self.student.vllm_max_lora_rank}: vLLM would refuse the trained adapter"
+            )
+        return self
 
     @model_validator(mode="after")
     def _expand_home(self) -> Settings:

@@ -557,7 +557,9 @@ def regression_check(current_reg: EvalResult, candidate_reg: EvalResult, current
 def retrain_options(settings: Settings, task: str) -> RetrainOptions:
     t = settings.trainer
     scheduler = "constant_with_warmup" if t.sft_lr_schedule == "constant" else t.sft_lr_schedule
-    sft = SFTRunConfig(lora=LoraPlacement(top_layers=t.lora_top_layers), learning_rate=t.sft_learning_rate,
+    lora = LoraPlacement(rank=t.lora_rank, alpha=t.lora_alpha or 2.0 * t.lora_rank, dropout=t.lora_dropout,
+                         top_layers=t.lora_top_layers)
+    sft = SFTRunConfig(lora=lora, learning_rate=t.sft_learning_rate,
                        lr_scheduler=scheduler, epochs=t.sft_epochs, batch_size=t.sft_batch_size,
                        time_budget_s=t.sft_time_budget_s)
     return RetrainOptions(task=task, init_from=t.init_from, sft=sft, min_new_examples=t.min_new_examples,

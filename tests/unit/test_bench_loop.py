@@ -39,3 +39,11 @@ def test_rescoring_moves_only_the_ports_of_the_earlier_run(tmp_path: Path) -> No
 def test_rescore_without_an_earlier_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--rescore", "--out", str(tmp_path)]) == 2
     assert "no earlier run's home" in capsys.readouterr().err
+
+
+def test_a_larger_lora_rank_raises_the_students_limit_to_match(tmp_path: Path) -> None:
+    args = parse_args(["--lora-rank", "64", "--lora-dropout", "0.1", "--out", str(tmp_path)])
+    settings = load_settings(config_file=write_config(tmp_path / "home", 8000, "http://127.0.0.1:9", args),
+                             environ={})
+    assert (settings.trainer.lora_rank, settings.student.vllm_max_lora_rank) == (64, 64)
+    assert settings.trainer.lora_dropout == pytest.approx(0.1)

@@ -485,3 +485,23 @@ def test_the_cycle_scores_at_most_eval_max_rows(settings) -> None:  # noqa: ANN0
     gateway = FakeGateway({"base@v0": lambda m: "wrong_label", "intents@v1": truth})
     report = cycle(settings, gateway, [], eval_max_rows=5).run()
     assert report.metrics["candidate_heldout"]["rows"] == report.metrics["current_heldout"]["rows"] == 5
+
+
+def test_settings_shape_a_new_adapters_lora(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, trainer={"lora_rank": 32, "lora_dropout": 0.1},
+                             student={"vllm_max_lora_rank": 64})
+    lora = retrain_options(settings, "banking77").sft.lora
+    assert (lora.rank, lora.alpha, lora.dropout) == (32, 64.0, pytest.approx(0.1))
+    explicit = make_settings(tmp_path, trainer={"lora_rank": 32, "lora_alpha": 32.0},
+                             student={"vllm_max_lora_rank": 32})
+    assert retrain_options(explicit, "banking77").sft.lora.alpha == 32.0
+
+
+def test_default_lora_shape_is_rank_16_alpha_32_without_dropout(tmp_path: Path) -> None:
+    lora = retrain_options(make_settings(tmp_path), "banking77").sft.lora
+    assert (lora.rank, lora.alpha, lora.dropout) == (16, 32.0, 0.0)
+
+
+def test_a_lora_rank_above_the_students_limit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="vllm_max_lora_rank"):
+        make_settings(tmp_path, trainer={"lora_rank": 64}, student={"vllm_max_lora_rank": 16})
