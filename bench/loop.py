@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -359,8 +360,21 @@ def measured(cycle: int, url: str, sample: list[Row], labels: list[str], concurr
                         sft_rows=retrain.sft_rows, threshold=threshold)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that `finally` stops the gateway and its vLLM.
+
+    Python's default SIGTERM action ends the process at once: a `kill` of a running loop left the
+    gateway and vLLM serving, holding the port and both cores, until killed by hand.
+    """
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     home = args.out / "home"
     if args.rescore and not (home / "protege.yaml").is_file():
         print(f"--rescore: no earlier run's home in {home}", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,17 @@ def test_a_larger_lora_rank_raises_the_students_limit_to_match(tmp_path: Path) -
                              environ={})
     assert (settings.trainer.lora_rank, settings.student.vllm_max_lora_rank) == (64, 64)
     assert settings.trainer.lora_dropout == pytest.approx(0.1)
+
+
+def test_sigterm_runs_the_loops_cleanup(tmp_path: Path) -> None:
+    marker = tmp_path / "cleaned"
+    script = (
+        "import time\nfrom bench.loop import exit_on_sigterm\nexit_on_sigterm()\n"
+        f"try:\n    print('ready', flush=True)\n    time.sleep(60)\nfinally:\n    open({str(marker)!r}, 'w').close()\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[2]) as child:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.is_file()
