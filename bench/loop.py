@@ -57,7 +57,7 @@ from bench.banking77 import (
     teacher_stand_in,
 )
 from bench.mock_openai import ServerThread, free_port
-from gateway.settings import load_settings
+from gateway.settings import StudentSettings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK = "banking77"
@@ -86,13 +86,17 @@ class CycleFigures:
     threshold: float | None  # the served version's calibrated cascade threshold
 
 
+DEFAULT_MAX_LORA_RANK: int = StudentSettings.model_fields["vllm_max_lora_rank"].default
+
+
 def write_config(home: Path, port: int, teacher_url: str, args: argparse.Namespace) -> Path:
     config = {
         "home": str(home),
         "server": {"port": port, "max_concurrency": 64},
         "auth": {"api_keys": {**USER_KEYS, EVAL_KEY_ID: EVAL_KEY}, "admin_key": ADMIN_KEY},
         # The base folder `protege serve` prepares under ~/.protege, shared across runs.
-        "student": {"default_adapter": TASK, "timeout_s": 120, "vllm_max_lora_rank": max(16, args.lora_rank),
+        "student": {"default_adapter": TASK, "timeout_s": 120,
+                    "vllm_max_lora_rank": max(DEFAULT_MAX_LORA_RANK, args.lora_rank),
                     "model_dir": str(args.model_dir or load_settings(environ={}).student_model_dir)},
         "teacher": {"model": f"openai/{TEACHER_MODEL}", "api_base": f"{teacher_url}/v1", "api_key": "sk-stand-in",
                     "input_cost_per_token": TEACHER_PRICE_IN, "output_cost_per_token": TEACHER_PRICE_OUT},

@@ -385,8 +385,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lora_rank_fits_the_student(self) -> Settings:
-        # Checked here, not at load time: a retrain would otherwise spend its whole budget on an
-        # adapter the student server then refuses.
+        # Checked when settings load, not when the adapter is: a retrain would otherwise spend its
+        # whole budget on an adapter the student server then refuses.
         if self.trainer.lora_rank > self.student.vllm_max_lora_rank:
             raise ValueError(
                 f"trainer.lora_rank {self.trainer.lora_rank} is above student.vllm_max_lora_rank "
