@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.loop import main, moved_endpoints, parse_args, write_config
+from bench.loop import main, moved_endpoints, parse_args, sampling_error, write_config
 from gateway.settings import load_settings
 
 
@@ -64,3 +64,15 @@ def test_sigterm_runs_the_loops_cleanup(tmp_path: Path) -> None:
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 128 + signal.SIGTERM
     assert marker.is_file()
+
+
+def test_sampling_error_shows_a_400_row_sample_cannot_settle_a_target_at_90_percent() -> None:
+    # loop8's v1: 358/400 on the loop's sample, 2,782/3,080 on the whole test split
+    sample, whole = sampling_error(358 / 400, 400), sampling_error(2782 / 3080, 3080)
+    assert sample == "student alone 358/400 = 89.5%, standard error 1.53 points (95% interval 86.5%-92.5%)"
+    assert whole == "student alone 2782/3080 = 90.3%, standard error 0.53 points (95% interval 89.3%-91.4%)"
+
+
+def test_sampling_error_stays_inside_zero_and_one() -> None:
+    assert sampling_error(1.0, 16).endswith("standard error 0.00 points (95% interval 100.0%-100.0%)")
+    assert "(95% interval 0.0%-" in sampling_error(0.01, 16)
